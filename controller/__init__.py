@@ -1,0 +1,1 @@
+"""The controller service: ingest, scheduling, scoring, routing and the bundled sender."""

@@ -1,0 +1,1 @@
+"""A simulated mobile network for the demo and the end-to-end tests."""
