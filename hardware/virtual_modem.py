@@ -129,6 +129,7 @@ class VirtualModem:
         signal_rssi: int = 20,
         registration: int = REG_HOME,
         noise_interval_s: float | None = None,
+        boot_delay_s: float = 0.05,
     ) -> None:
         self.profile = get_profile(profile) if isinstance(profile, str) else profile
         self.sim = sim or SimCard()
@@ -136,6 +137,8 @@ class VirtualModem:
         self.signal_rssi = signal_rssi
         self.registration = registration
         self.noise_interval_s = noise_interval_s
+        #: Power-on to banner: a port opened within it sees the banner (opening flushes input).
+        self.boot_delay_s = boot_delay_s
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
         if link is None:
             self._tmpdir = tempfile.TemporaryDirectory(prefix="vmodem-")
@@ -216,6 +219,9 @@ class VirtualModem:
             tmp.replace(self.link)
             self._plugged = True
         self._reset_settings()
+        threading.Timer(self.boot_delay_s, self._boot_banner).start()
+
+    def _boot_banner(self) -> None:
         if self.profile.boot_bytes:
             self._raw_write(self.profile.boot_bytes)
         self._write_lines(self.profile.banner)
@@ -604,7 +610,7 @@ class VirtualModem:
         if op == "?":
             return ["+CFUN: 1"]
         if op == "=" and arg.replace(" ", "") == "1,1":  # reset: banner again after OK
-            threading.Timer(0.05, self._write_lines, [self.profile.banner]).start()
+            threading.Timer(self.boot_delay_s, self._boot_banner).start()
         return []
 
     def _at_creg(self, op: str, arg: str) -> list[str]:

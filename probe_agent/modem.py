@@ -129,6 +129,8 @@ class _Worker:
     sweep_at: float | None = None
     connected_once: bool = False
     fatal: str | None = None
+    #: Storages that can hold received messages, all swept (SIM and modem memory).
+    storages: list[str] = field(default_factory=lambda: ["SM"])
 
 
 class ModemPort:
@@ -177,7 +179,8 @@ class ModemPort:
         self._thread.start()
 
     async def wait_connected(self, timeout_s: float = 10.0) -> bool:
-        """True once the modem is connected and initialised (False after ``timeout_s``)."""
+        """True once the modem is connected, initialised and what it had stored was read
+        (False after ``timeout_s``)."""
         return await asyncio.to_thread(self._connected.wait, timeout_s)
 
     async def stop(self) -> None:
@@ -283,8 +286,8 @@ class ModemPort:
             self._update(reconnects=self._state.reconnects + 1)
             self._record_event("reconnected")
         self._w.connected_once = True
-        self._connected.set()
         self._sweep(Origin.STARTUP if first else Origin.SWEEP)
+        self._connected.set()
         return True
 
     def _serve_once(self) -> None:
@@ -369,27 +372,30 @@ class ModemPort:
         self._take(Part.read(pdu, ns, Origin.CMTI, memory, index))
 
     def _sweep(self, origin: Origin) -> None:
-        """Read and delete everything in storage: at start-up, when full, after read errors."""
+        """Read and delete everything stored, in every message storage: at start-up, when
+        storage is full, after read errors, or when a poll finds messages nobody announced."""
         session = self._session()
         self._w.sweep_at = None
         self._drain_indications()
-        memory = session._smsMemReadDelete or self._state.storage_memory or "SM"
-        try:
-            session._setSmsMemory(readDelete=memory.strip('"'))
-            lines = session.write("AT+CMGL=4", timeout=max(self.command_timeout_s, 30.0)) or []
-        except CmsError as exc:
-            self._record_error(f"listing storage failed: {exc}")
-            self._w.sweep_at = time.monotonic() + READ_RETRY_DELAY_S
-            return
-        time.sleep(SWEEP_URC_GRACE_S)
+        listed: list[tuple[str, int, str]] = []
+        swept: set[str] = set()
+        for memory in self._w.storages:
+            try:
+                session._setSmsMemory(readDelete=memory)
+                lines = session.write("AT+CMGL=4", timeout=max(self.command_timeout_s, 30.0)) or []
+            except CmsError as exc:
+                self._record_error(f"listing {memory} storage failed: {exc}")
+                self._w.sweep_at = time.monotonic() + READ_RETRY_DELAY_S
+                continue
+            swept.add(memory)
+            listed += [(memory, index, pdu) for index, pdu in _listing(lines)]
+        time.sleep(SWEEP_URC_GRACE_S)  # URCs the modem held back while it answered
         self._drain_indications()
-        memory = memory.strip('"')
-        listed = _listing(lines)
-        for index, pdu in listed:
+        for memory, index, pdu in listed:
             ns = self._w.unread.pop((memory, index), None)
             part_origin = Origin.CMTI if ns is not None else origin
             self._take(Part.read(pdu, ns or time.time_ns(), part_origin, memory, index))
-        self._w.unread = {k: v for k, v in self._w.unread.items() if k[0] != memory}
+        self._w.unread = {k: v for k, v in self._w.unread.items() if k[0] not in swept}
         if listed:
             log.info("modem %s: %d message(s) read from storage (%s)", self.port, len(listed), origin)
             self._poll_storage()
@@ -453,6 +459,7 @@ class ModemPort:
         s = self._session()
         info: dict[str, Any] = {"manufacturer": s.manufacturer, "model": s.model, "imsi": s.imsi}
         info["iccid"] = self._iccid()
+        self._w.storages = self._message_storages()
         enable = get_profile(self.profile).storage_full_urc_enable if self.profile else None
         if enable:
             s.write("AT" + enable, parseError=False)
@@ -460,6 +467,16 @@ class ModemPort:
             cnum = _first_match(s.write("AT+CNUM") or [], _CNUM)
             info["msisdn"] = cnum.group(1) if cnum else None
         self._update(**info)
+
+    def _message_storages(self) -> list[str]:
+        """SIM and modem memory where offered: a message can sit in either, whichever the
+        library picked for new ones. Combined (MT), report and broadcast storages are skipped."""
+        try:
+            answer = " ".join(self._session().write("AT+CPMS=?") or [])
+        except CommandError:
+            return ["SM"]
+        first = answer.split(")")[0]
+        return [m for m in ("SM", "ME") if f'"{m}"' in first] or ["SM"]
 
     def _iccid(self) -> str | None:
         commands = ["AT+CCID", "AT+QCCID", "AT^ICCID?", "AT+ICCID"]
