@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 CMS_MEMORY_FAILURE = 320
 CMS_INVALID_INDEX = 321
 CMS_MEMORY_FULL = 322
+CMS_INVALID_PDU = 304
 CMS_UNKNOWN = 500
 #: 3GPP TS 27.007 §9.2 equipment error codes used here.
 CME_SIM_NOT_INSERTED = 10
@@ -56,6 +57,7 @@ REG_NOT_SEARCHING, REG_HOME, REG_SEARCHING, REG_DENIED, REG_UNKNOWN, REG_ROAMING
 #: +CMGL / +CMGR <stat> values in PDU mode, and their text-mode names.
 STAT_NAMES = {0: "REC UNREAD", 1: "REC READ", 2: "STO UNSENT", 3: "STO SENT", 4: "ALL"}
 PIN_ATTEMPTS = 3
+CTRL_Z, ESC_CANCEL = 0x1A, 0x1B  # end and cancel of a PDU typed after the "> " prompt (27.005 §3.5.3)
 
 _COMMAND = re.compile(r"^([+^][A-Z0-9_]+|[A-Z&][0-9]*)(=\?|\?|=)?(.*)$", re.IGNORECASE)
 
@@ -161,7 +163,11 @@ class VirtualModem:
         self._next_ref = random.randrange(256)
         #: Every command line received, for tests and logs.
         self.commands: list[str] = []
+        #: Called with each command line once its answer is written (tests time races with it).
+        self.on_answered: Callable[[str], None] | None = None
         self._table = self._handlers()
+        #: Set while a +CMGW waits for its PDU after the "> " prompt.
+        self._pdu_entry: int | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -396,14 +402,17 @@ class VirtualModem:
     # --- I/O ---------------------------------------------------------------------------------
 
     def _raw_write(self, data: bytes) -> int | None:
+        """Write to the line; the wall-clock instant just before the write (the reader cannot
+        see the bytes earlier, so a latency measured against it is never negative)."""
         with self._tx_lock:
             if self._master is None or not self._plugged:
                 return None
+            stamp = time.time_ns()
             try:
                 os.write(self._master, data)
             except OSError:
                 return None
-            return time.time_ns()
+            return stamp
 
     def _write_lines(self, lines: tuple[str, ...] | list[str]) -> int | None:
         """Write unsolicited lines (framed by CR LF as with ATV1); the time they went out."""
@@ -440,7 +449,17 @@ class VirtualModem:
             if self._settings.echo:
                 self._raw_write(data)
             buffer.extend(data)
-            while b"\r" in buffer:
+            while True:
+                if self._pdu_entry is not None:  # after the "> " prompt: a PDU ends with Ctrl-Z
+                    end = next((i for i, b in enumerate(buffer) if b in (CTRL_Z, ESC_CANCEL)), None)
+                    if end is None:
+                        break
+                    entry, cancelled = bytes(buffer[:end]), buffer[end] == ESC_CANCEL
+                    buffer = buffer[end + 1 :]
+                    self._finish_pdu_entry(entry.decode("ascii", "replace").strip(), cancelled)
+                    continue
+                if b"\r" not in buffer:
+                    break
                 line, _, rest = bytes(buffer).partition(b"\r")
                 buffer = bytearray(rest.lstrip(b"\n"))
                 text = line.decode("ascii", errors="replace").strip()
@@ -463,6 +482,9 @@ class VirtualModem:
                 return
             try:
                 body, final = self._execute_line(line)
+                if final == "> ":
+                    self._raw_write(b"\r\n> ")
+                    return
             except _AtError as err:
                 body, final = [], err.result
             except Exception:  # a bug here must not kill the modem: answer ERROR and log it
@@ -471,12 +493,18 @@ class VirtualModem:
             out = "".join(f"\r\n{b}" for b in body)
             out += ("\r\n" if body else "") + f"\r\n{final}\r\n"
             self._raw_write(out.encode())
+        if self.on_answered is not None:
+            self.on_answered(line)
 
     # --- AT interpreter ----------------------------------------------------------------------
 
     def _execute_line(self, line: str) -> tuple[list[str], str]:
         if not line.upper().startswith("AT"):
             raise _AtError("ERROR")
+        if line.upper().startswith("AT+CMGW="):  # PDU mode: the PDU follows after a prompt
+            self._require_sim()
+            self._pdu_entry = _int(line[8:].split(",")[0], 1, 255)
+            return [], "> "
         rest = line[2:]
         body: list[str] = []
         # Basic commands (E0, Z, V1...) may precede one extended command; ';' chains extended ones.
@@ -743,6 +771,24 @@ class VirtualModem:
             sms.text,
         ]
 
+    def _finish_pdu_entry(self, pdu: str, cancelled: bool) -> None:
+        """+CMGW's PDU arrived: store it as a sent-to-storage message, or refuse (full: 322)."""
+        self._pdu_entry = None
+        if cancelled:
+            self._raw_write(b"\r\nOK\r\n")
+            return
+        memory = self._settings.mem[1]
+        with self._state_lock:
+            free = self._free_slots(memory)
+            if not _is_hex(pdu):
+                answer = f"+CMS ERROR: {CMS_INVALID_PDU}"
+            elif not free:
+                answer = f"+CMS ERROR: {CMS_MEMORY_FULL}"
+            else:
+                self._storage[memory][free[0]] = _Stored(pdu.upper(), stat=2)  # STO UNSENT
+                answer = f"+CMGW: {free[0]}\r\n\r\nOK"
+        self._raw_write(f"\r\n{answer}\r\n".encode())
+
     def _at_cmgd(self, op: str, arg: str) -> list[str]:
         self._require_sim()
         if op == "=?":
@@ -766,6 +812,10 @@ class _AtError(Exception):
     def __init__(self, result: str) -> None:
         super().__init__(result)
         self.result = result
+
+
+def _is_hex(text: str) -> bool:
+    return bool(text) and len(text) % 2 == 0 and all(c in "0123456789ABCDEFabcdef" for c in text)
 
 
 def _fixed_answer(lines: list[str]) -> Callable[[str, str], list[str]]:

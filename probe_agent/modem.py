@@ -44,8 +44,12 @@ log = logging.getLogger(__name__)
 SWEEP_URC_GRACE_S = 0.05
 #: A PDU read again within this window (a failed delete, a raced sweep) is not yielded twice.
 DUPLICATE_WINDOW_S = 600.0
-#: Parts of the SIM storage the reader may retry before leaving a message to the next sweep.
+#: A failed read of an announced message is retried after this delay, this many times, before
+#: the message is left to the listing of a later sweep.
 READ_RETRY_DELAY_S = 0.5
+READ_ATTEMPTS = 5
+#: 27.005 §3.2.5: "invalid memory index", what most modems answer for an empty slot.
+CMS_INVALID_INDEX = 321
 #: Recovery events kept for ``state()``.
 EVENTS_KEPT = 20
 
@@ -131,6 +135,7 @@ class _Worker:
     fatal: str | None = None
     #: Storages that can hold received messages, all swept (SIM and modem memory).
     storages: list[str] = field(default_factory=lambda: ["SM"])
+    read_attempts: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
 class ModemPort:
@@ -356,19 +361,32 @@ class ModemPort:
         return self._w.session
 
     def _read_one(self, memory: str, index: int) -> None:
+        """Read the message a +CMTI announced; a failed read is retried a few times, and the
+        URC's time is kept for it whichever way it is finally read."""
+        key = (memory, index)
         session = self._session()
         try:
             session._setSmsMemory(readDelete=memory)
             lines = session.write(f"AT+CMGR={index}") or []
         except CmsError as exc:
-            self._record_error(f"reading {memory} {index} failed: {exc}; retrying")
+            if exc.code == CMS_INVALID_INDEX:  # an empty slot: a sweep already took it
+                self._w.unread.pop(key, None)
+                return
+            attempts = self._w.read_attempts[key] = self._w.read_attempts.get(key, 0) + 1
+            if attempts >= READ_ATTEMPTS:
+                # Leave it to the listing of a later sweep (AT+CMGL), which keeps the URC's time.
+                self._record_error(f"reading {memory} {index} failed {attempts} times: {exc}")
+                self._w.read_attempts.pop(key, None)
+            else:
+                self._record_error(f"reading {memory} {index} failed: {exc}; retrying")
             self._w.sweep_at = time.monotonic() + READ_RETRY_DELAY_S
             return
+        self._w.read_attempts.pop(key, None)
         pdu = _pdu_after(lines, _CMGR)
-        if pdu is None:  # empty slot: a sweep already took it
-            self._w.unread.pop((memory, index), None)
+        if pdu is None:  # an empty slot (bare OK, as the SIM800 answers): a sweep took it
+            self._w.unread.pop(key, None)
             return
-        ns = self._w.unread.pop((memory, index))
+        ns = self._w.unread.pop(key)
         self._take(Part.read(pdu, ns, Origin.CMTI, memory, index))
 
     def _sweep(self, origin: Origin) -> None:
@@ -395,7 +413,10 @@ class ModemPort:
             ns = self._w.unread.pop((memory, index), None)
             part_origin = Origin.CMTI if ns is not None else origin
             self._take(Part.read(pdu, ns or time.time_ns(), part_origin, memory, index))
-        self._w.unread = {k: v for k, v in self._w.unread.items() if k[0] not in swept}
+        # Announced but not listed: stored just after the listing. Read each now, not at the
+        # next poll, or its latency would be off by a whole poll interval.
+        for memory, index in [k for k in self._w.unread if k[0] in swept and k not in self._w.read_attempts]:
+            self._read_one(memory, index)
         if listed:
             log.info("modem %s: %d message(s) read from storage (%s)", self.port, len(listed), origin)
             self._poll_storage()
@@ -419,7 +440,9 @@ class ModemPort:
         """Delete a read message from storage, then pass it on (unless read twice)."""
         if part.memory is not None and part.index is not None:
             try:
-                self._session().write(f"AT+CMGD={part.index},0")
+                session = self._session()
+                session._setSmsMemory(readDelete=part.memory)  # never delete in the wrong storage
+                session.write(f"AT+CMGD={part.index},0")
             except CommandError as exc:
                 self._record_error(f"deleting {part.memory} {part.index} failed: {exc}")
         self._accept(part)

@@ -368,6 +368,32 @@ async def test_read_errors_are_retried_with_the_urc_time_kept(
     assert "CMS 500" in ((await port.state()).last_error or "")
 
 
+async def test_message_stored_right_after_a_sweep_listing_is_read_at_once(
+    make_modem: Callable[..., VirtualModem], open_port: Callable[..., ModemPort]
+) -> None:
+    """The race a sweep has: a message stored after AT+CMGL answered, its +CMTI after that."""
+    modem = make_modem()
+    modem.store_silently("+1555", "waiting on the SIM")
+    listings: list[str] = []
+    deliveries = []
+
+    def deliver_after_listing(line: str) -> None:
+        if line == "AT+CMGL=4":
+            listings.append(line)
+            if len(listings) == 2:  # the start-up sweep lists SM, then ME where new ones land
+                deliveries.append(modem.deliver("+1555", "stored just after the listing"))
+
+    modem.on_answered = deliver_after_listing
+    port = open_port(modem, poll_interval_s=30)
+    await port.start()
+    got = await receive(port, 2, timeout_s=5)
+    assert {s.text for s in got} == {"waiting on the SIM", "stored just after the listing"}
+    [late] = [s for s in got if s.text == "stored just after the listing"]
+    assert late.origin is Origin.CMTI, "read at once with its URC time, not at the next poll"
+    urc_ns = deliveries[0].urc_ns
+    assert urc_ns is not None and 0 <= late.arrived_at.timestamp() * 1e9 - urc_ns < 50e6
+
+
 async def test_slow_modem_still_delivers(
     make_modem: Callable[..., VirtualModem], open_port: Callable[..., ModemPort]
 ) -> None:

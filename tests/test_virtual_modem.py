@@ -238,6 +238,27 @@ def test_storage_full_refuses_and_tells(
     assert at("AT+CPMS?")[0] == '+CPMS: "SM",50,50,"SM",50,50,"SM",50,50'
 
 
+def test_writing_to_full_storage_answers_cms_322(
+    make_modem: Callable[..., VirtualModem], at_client: Callable[[VirtualModem], At]
+) -> None:
+    modem = make_modem()
+    at = at_client(modem)
+    at("ATE0")
+    at.ser.write(b"AT+CMGW=20\r")
+    assert at.ser.read(8) == b"\r\n> "
+    at.ser.write(b"0011000B914477009001F20000AA0548656C6C6F\x1a")
+    assert at.lines(0.2) == ["+CMGW: 1", "OK"]
+    modem.fill_storage()
+    at.ser.write(b"AT+CMGW=20\r")
+    assert at.ser.read(8) == b"\r\n> "
+    at.ser.write(b"0011000B914477009001F20000AA0548656C6C6F\x1a")
+    assert at.lines(0.2) == ["+CMS ERROR: 322"]
+    at.ser.write(b"AT+CMGW=20\r")
+    at.ser.read(8)
+    at.ser.write(b"00\x1b")  # ESC cancels the entry
+    assert at.lines(0.2) == ["OK"]
+
+
 def test_ec25_reports_full_storage_only_when_asked(
     make_modem: Callable[..., VirtualModem], at_client: Callable[[VirtualModem], At]
 ) -> None:
