@@ -122,13 +122,20 @@ class _Backoff:
         self.current_s = 0.0
 
 
+@dataclass(frozen=True)
+class _Seen:
+    ns: int
+    slot: tuple[str, int] | None
+
+
 @dataclass
 class _Worker:
     """State only the worker thread touches."""
 
     session: GsmSession | None = None
     unread: dict[tuple[str, int], int] = field(default_factory=dict)
-    recent: OrderedDict[str, int] = field(default_factory=OrderedDict)
+    recent: OrderedDict[str, _Seen] = field(default_factory=OrderedDict)
+    pending_deletes: list[tuple[str, int]] = field(default_factory=list)
     next_poll: float = 0.0
     sweep_at: float | None = None
     connected_once: bool = False
@@ -173,6 +180,7 @@ class ModemPort:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._connected = threading.Event()
+        self._unacked: dict[int, ReceivedSms] = {}
 
     # --- asyncio face ------------------------------------------------------------------------
 
@@ -203,13 +211,25 @@ class ModemPort:
         await self.stop()
 
     async def received(self) -> AsyncIterator[ReceivedSms]:
-        """Complete received messages, in the order they completed, until the port stops."""
+        """Complete received messages, in the order they completed, until the port stops.
+
+        A message leaves the SIM only once the consumer has taken it: when it asks for the next
+        one, or calls ``ack()``. A consumer killed in between finds it again after a restart
+        (at least once; the agent's observation id is stable, so duplicates can be removed).
+        """
         assert self._out is not None, "start() the port first"
         while True:
             sms = await self._out.get()
             if sms is None:
                 return
+            self._unacked[id(sms)] = sms
             yield sms
+            self.ack(sms)
+
+    def ack(self, sms: ReceivedSms) -> None:
+        """The consumer has made ``sms`` durable: delete its parts from storage (once)."""
+        if self._unacked.pop(id(sms), None) is not None and sms.storage:
+            self._events.put(("delete", list(sms.storage)))
 
     async def state(self, refresh: bool = False, timeout_s: float = 5.0) -> ModemState:
         """The modem's state; with ``refresh`` it is queried first (else the last poll's)."""
@@ -253,6 +273,8 @@ class ModemPort:
                 return
             if event[0] == "refresh":
                 event[1].set_result(None)
+            elif event[0] == "delete":
+                self._w.pending_deletes += event[1]
             elif event[0] == "stop":
                 return
 
@@ -291,6 +313,8 @@ class ModemPort:
             self._update(reconnects=self._state.reconnects + 1)
             self._record_event("reconnected")
         self._w.connected_once = True
+        pending, self._w.pending_deletes = self._w.pending_deletes, []
+        self._delete(pending)
         self._sweep(Origin.STARTUP if first else Origin.SWEEP)
         self._connected.set()
         return True
@@ -329,7 +353,9 @@ class ModemPort:
             self._w.unread[(memory, index)] = ns
             self._read_one(memory, index)
         elif kind == "cmt":
-            self._accept(Part.read(event[1], event[2], Origin.CMT))
+            self._take(Part.read(event[1], event[2], Origin.CMT))
+        elif kind == "delete":
+            self._delete(event[1])
         elif kind == "full":
             self._record_event(f"storage full ({event[1]}); emptying it")
             self._sweep(Origin.SWEEP)
@@ -437,28 +463,39 @@ class ModemPort:
             self._events.put(event)
 
     def _take(self, part: Part) -> None:
-        """Delete a read message from storage, then pass it on (unless read twice)."""
-        if part.memory is not None and part.index is not None:
-            try:
-                session = self._session()
-                session._setSmsMemory(readDelete=part.memory)  # never delete in the wrong storage
-                session.write(f"AT+CMGD={part.index},0")
-            except CommandError as exc:
-                self._record_error(f"deleting {part.memory} {part.index} failed: {exc}")
-        self._accept(part)
-
-    def _accept(self, part: Part) -> None:
-        recent = self._w.recent
+        """Pass a read part on, once: it stays in storage until the consumer has the message."""
         now = time.time_ns()
-        while recent and next(iter(recent.values())) < now - DUPLICATE_WINDOW_S * 1e9:
+        recent = self._w.recent
+        while recent and next(iter(recent.values())).ns < now - DUPLICATE_WINDOW_S * 1e9:
             recent.popitem(last=False)
-        if part.pdu in recent and part.origin is not Origin.CMT:
-            log.info("modem %s: %s read again, not passed on twice", self.port, part.pdu[:24])
-            return
-        recent[part.pdu] = now
+        slot = (part.memory, part.index) if part.memory is not None and part.index is not None else None
+        seen = recent.get(part.pdu)
+        if seen is not None and part.origin is not Origin.CMT:
+            if slot is not None and slot != seen.slot:
+                log.info("modem %s: the same PDU stored twice; deleting the copy at %s", self.port, slot)
+                self._delete([slot])
+            return  # a re-read of a message still held for the consumer
+        recent[part.pdu] = _Seen(now, slot)
         sms = self._reassembler.add(part)
         if sms is not None:
             self._emit(sms)
+
+    def _delete(self, slots: list[tuple[str, int]]) -> None:
+        """Delete messages the consumer has taken; kept for after a reconnect if the port is down."""
+        if self._w.session is None:
+            self._w.pending_deletes += slots
+            return
+        session = self._session()
+        deleted = 0
+        for memory, index in slots:
+            try:
+                session._setSmsMemory(readDelete=memory)  # never delete in the wrong storage
+                session.write(f"AT+CMGD={index},0")
+                deleted += memory == self._state.storage_memory
+            except CommandError as exc:
+                self._record_error(f"deleting {memory} {index} failed: {exc}")
+        if deleted and self._state.storage_used:  # keep the shown use current between polls
+            self._update(storage_used=max(0, self._state.storage_used - deleted))
 
     def _emit(self, sms: ReceivedSms | None) -> None:
         if sms is not None:

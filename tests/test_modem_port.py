@@ -21,7 +21,7 @@ FAST = {"poll_interval_s": 0.3, "command_timeout_s": 1.0, "reconnect_initial_s":
 
 
 async def receive(port: ModemPort, count: int, timeout_s: float = 10.0) -> list[ReceivedSms]:
-    """The next ``count`` messages, or fail after ``timeout_s``."""
+    """The next ``count`` messages, each acknowledged (so deleted from the SIM), or fail."""
     out: list[ReceivedSms] = []
     iterator = port.received().__aiter__()
 
@@ -30,7 +30,17 @@ async def receive(port: ModemPort, count: int, timeout_s: float = 10.0) -> list[
             out.append(await anext(iterator))
 
     await asyncio.wait_for(collect(), timeout_s)
+    for sms in out:
+        port.ack(sms)
     return out
+
+
+async def wait_until(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Poll ``check`` until it holds."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.02)
 
 
 async def wait_state(
@@ -88,8 +98,7 @@ async def test_each_profile_connects_reports_state_and_receives(
     assert sms.storage == ((delivery.memory, delivery.indices[0]),)
     assert delivery.urc_ns is not None
     assert abs(sms.arrived_at.timestamp() * 1e9 - delivery.urc_ns) < 50e6
-    await wait_state(port, lambda s: s.storage_used == 0)
-    assert modem.stored(delivery.memory) == {}
+    await wait_until(lambda: modem.stored(delivery.memory) == {})
 
 
 async def test_encodings_classes_and_pids(
@@ -202,7 +211,47 @@ async def test_messages_stored_before_start_are_read_and_flagged(
     got = await receive(port, 2)
     assert sorted(s.text or "" for s in got) == sorted(["arrived while the agent was down", "x" * 200])
     assert all(s.stored_before_start for s in got)
-    assert modem.stored() == {}
+    await wait_until(lambda: modem.stored() == {})
+
+
+async def test_message_stays_on_the_sim_until_the_consumer_takes_it(
+    make_modem: Callable[..., VirtualModem], open_port: Callable[..., ModemPort]
+) -> None:
+    """At least once: a consumer killed before it stored a message finds it again on restart."""
+    modem = make_modem("ec25")
+    port = open_port(modem)
+    await port.start()
+    assert await port.wait_connected()
+    delivery = modem.deliver("+1555", "not yet persisted")
+    iterator = port.received().__aiter__()
+    first = await asyncio.wait_for(anext(iterator), 5)
+    await asyncio.sleep(0.5)  # polls and sweeps happen meanwhile: it is neither deleted nor re-yielded
+    assert list(modem.stored(delivery.memory)) == list(delivery.indices)
+    assert port._out is not None and port._out.empty()
+    await port.stop()  # the consumer "dies" before taking it
+    again = open_port(modem)
+    await again.start()
+    [sms] = await receive(again, 1)
+    assert sms.text == first.text == "not yet persisted" and sms.pdus == first.pdus
+    assert sms.stored_before_start
+    await wait_until(lambda: modem.stored(delivery.memory) == {})
+
+
+async def test_the_same_pdu_stored_twice_is_passed_on_once_and_both_copies_deleted(
+    make_modem: Callable[..., VirtualModem], open_port: Callable[..., ModemPort]
+) -> None:
+    modem = make_modem()
+    port = open_port(modem)
+    await port.start()
+    assert await port.wait_connected()
+    pdu = encode_deliver("+1555", "delivered twice by the network")[0]
+    modem.deliver_pdu(pdu)
+    modem.deliver_pdu(pdu)
+    [sms] = await receive(port, 1)
+    assert sms.text == "delivered twice by the network"
+    await wait_until(lambda: modem.stored() == {} and modem.stored("ME") == {})
+    await asyncio.sleep(0.3)
+    assert port._out is not None and port._out.empty()
 
 
 async def test_direct_delivery_with_cmt(
@@ -215,7 +264,7 @@ async def test_direct_delivery_with_cmt(
     delivery = modem.deliver("+1555", "not stored")
     [sms] = await receive(port, 1)
     assert sms.text == "not stored" and sms.origin is Origin.CMT and sms.storage == ()
-    assert delivery.indices == () and modem.stored() == {}
+    assert delivery.indices == () and modem.stored() == {} and modem.stored("ME") == {}
 
 
 async def test_broken_pdu_is_yielded_with_its_error_not_dropped(
@@ -249,6 +298,7 @@ async def test_full_storage_is_emptied_and_nothing_is_lost(
     old = await receive(port, filled, timeout_s=20)
     assert {s.text for s in old} == {f"old message {i}" for i in range(0, filled)}
     assert all(s.origin is Origin.SWEEP for s in old), [s.origin for s in old]
+    await wait_until(lambda: modem.stored() == {} and modem.stored("ME") == {})
     state = await wait_state(port, lambda s: s.storage_used == 0)
     assert any("storage full" in e for e in state.events)
     modem.deliver("+1555", "fits again")
