@@ -258,7 +258,9 @@ def gsm7_decode(septets: bytes) -> str:
             try:
                 out.append(pair.decode(GSM7))
             except UnicodeDecodeError:
-                out.append(bytes((septets[i + 1],)).decode(GSM7))
+                # ESC ESC has no default-table glyph either: a space, as for a lone escape.
+                code = septets[i + 1]
+                out.append(" " if code == ESC else bytes((code,)).decode(GSM7))
             i += 2
             continue
         out.append(bytes((s,)).decode(GSM7))

@@ -104,6 +104,7 @@ class _Faults:
     response_delay_s: float = 0.0
     read_errors: int = 0
     read_error_code: int = CMS_UNKNOWN
+    answer_noise: str | None = None
 
 
 @dataclass
@@ -131,7 +132,7 @@ class VirtualModem:
         signal_rssi: int = 20,
         registration: int = REG_HOME,
         noise_interval_s: float | None = None,
-        boot_delay_s: float = 0.05,
+        boot_delay_s: float = 0.0,
     ) -> None:
         self.profile = get_profile(profile) if isinstance(profile, str) else profile
         self.sim = sim or SimCard()
@@ -139,8 +140,10 @@ class VirtualModem:
         self.signal_rssi = signal_rssi
         self.registration = registration
         self.noise_interval_s = noise_interval_s
-        #: Power-on to banner: a port opened within it sees the banner (opening flushes input).
+        #: Power-on to banner; commands get no answer until then, as a booting modem gives none.
+        #: Zero: booted before anyone opens the port (which flushes the banner), the usual case.
         self.boot_delay_s = boot_delay_s
+        self._booting = False
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
         if link is None:
             self._tmpdir = tempfile.TemporaryDirectory(prefix="vmodem-")
@@ -225,9 +228,17 @@ class VirtualModem:
             tmp.replace(self.link)
             self._plugged = True
         self._reset_settings()
-        threading.Timer(self.boot_delay_s, self._boot_banner).start()
+        self._boot()
+
+    def _boot(self) -> None:
+        self._booting = True
+        if self.boot_delay_s:
+            threading.Timer(self.boot_delay_s, self._boot_banner).start()
+        else:
+            self._boot_banner()
 
     def _boot_banner(self) -> None:
+        self._booting = False
         if self.profile.boot_bytes:
             self._raw_write(self.profile.boot_bytes)
         self._write_lines(self.profile.banner)
@@ -289,7 +300,9 @@ class VirtualModem:
         return self._deliver_pdus([pdu.upper()])
 
     def _deliver_pdus(self, pdus: list[str]) -> Delivery:
-        direct = self._settings.cnmi[1] == 2 if len(self._settings.cnmi) > 1 else False
+        mt = self._settings.cnmi[1]
+        direct = mt == 2
+        announce = mt != 0  # +CNMI mt=0 (the default after ATZ): stored, no indication
         memory = self._settings.mem[2]
         indices: list[int] = []
         full = False
@@ -309,6 +322,8 @@ class VirtualModem:
             raise StorageFullError(f"{memory} storage full, {len(pdus)} part(s) refused")
         urc_ns = None
         for i, pdu in enumerate(pdus):
+            if not announce:
+                continue
             lines = [f"+CMT: ,{tpdu_length(pdu)}", pdu] if direct else [f'+CMTI: "{memory}",{indices[i]}']
             written = self._write_lines(lines)
             urc_ns = written if urc_ns is None else urc_ns
@@ -359,6 +374,14 @@ class VirtualModem:
         if self._settings.creg_urc:
             self._write_lines([f"+CREG: {stat}"])
 
+    def reboot(self) -> None:
+        """Restart by itself (a brown-out): settings back to defaults, the SIM locked again if it
+        has a PIN, the power-on banner; storage is kept, as SIM and flash keep it."""
+        with self._state_lock:
+            self._pin_unlocked = self.sim.pin is None
+            self._settings = _Settings(mem=[self.profile.storages[0]] * 3)
+        self._boot()
+
     def hang(self) -> None:
         """Stop answering commands and raising URCs, as a wedged firmware does."""
         self._faults.hung = True
@@ -394,6 +417,15 @@ class VirtualModem:
     def remove_sim(self) -> None:
         """Take the SIM out: +CPIN and SIM commands answer CME ERROR 10."""
         self.sim_present = False
+
+    def insert_sim(self) -> None:
+        """Put the SIM back (locked again if it has a PIN)."""
+        self._pin_unlocked = self.sim.pin is None
+        self.sim_present = True
+
+    def noise_in_answers(self, line: str | None) -> None:
+        """Put ``line`` (plain ASCII a parser must skip) before every final result; None stops."""
+        self._faults.answer_noise = line
 
     def emit_noise(self) -> None:
         """Write the profile's unsolicited noise lines once."""
@@ -478,7 +510,7 @@ class VirtualModem:
         with self._tx_lock:
             if self._faults.response_delay_s:
                 time.sleep(self._faults.response_delay_s)
-            if self._faults.hung:
+            if self._faults.hung or self._booting:
                 return
             try:
                 body, final = self._execute_line(line)
@@ -490,6 +522,8 @@ class VirtualModem:
             except Exception:  # a bug here must not kill the modem: answer ERROR and log it
                 log.exception("virtual modem failed on %r", line)
                 body, final = [], "ERROR"
+            if self._faults.answer_noise is not None:
+                body = [*body, self._faults.answer_noise]
             out = "".join(f"\r\n{b}" for b in body)
             out += ("\r\n" if body else "") + f"\r\n{final}\r\n"
             self._raw_write(out.encode())
@@ -637,8 +671,8 @@ class VirtualModem:
     def _at_cfun(self, op: str, arg: str) -> list[str]:
         if op == "?":
             return ["+CFUN: 1"]
-        if op == "=" and arg.replace(" ", "") == "1,1":  # reset: banner again after OK
-            threading.Timer(self.boot_delay_s, self._boot_banner).start()
+        if op == "=" and arg.replace(" ", "") == "1,1":  # reset after the OK
+            threading.Timer(0.01, self.reboot).start()
         return []
 
     def _at_creg(self, op: str, arg: str) -> list[str]:

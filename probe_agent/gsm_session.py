@@ -68,7 +68,7 @@ class GsmSession(GsmModem):  # type: ignore[misc]
         # Something must be set or the library skips +CNMI; our URC handler does the work.
         self.smsReceivedCallback = self._unused_callback
         self.command_timeout_s = command_timeout_s
-        self._pending_cmt: str | None = None
+        self._pending_cmt: tuple[str, int] | None = None
         self._stamp_ns = 0
         #: Lines dropped as line noise (undecodable bytes), for the modem state.
         self.noise_lines = 0
@@ -139,12 +139,12 @@ class GsmSession(GsmModem):  # type: ignore[misc]
         if not line:
             return
         if self._pending_cmt is not None:
-            header, self._pending_cmt = self._pending_cmt, None
-            self._on_urc(f"{header}\n{line}", self._stamp_ns)
+            (header, stamp), self._pending_cmt = self._pending_cmt, None
+            self._on_urc(f"{header}\n{line}", stamp)  # stamped at its header, like a +CMTI
             return
         if line.startswith(URC_PREFIXES):
             if line.startswith("+CMT:"):
-                self._pending_cmt = line  # the PDU follows on the next line
+                self._pending_cmt = (line, self._stamp_ns)  # the PDU follows on the next line
             else:
                 self._on_urc(line, self._stamp_ns)
             return

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import math
 import queue
 import random
 import re
@@ -33,6 +34,7 @@ from gsmmodem.exceptions import (
     PukRequiredError,
     TimeoutException,
 )
+from serial import SerialException
 
 from hardware.modem_profiles import PROFILES, get_profile
 from probe_agent.gsm_session import GsmSession
@@ -61,12 +63,21 @@ REGISTRATION = {
     4: "unknown",
     5: "registered_roaming",
 }
+#: Lines a modem writes when it (re)starts: mid-session they mean it reset itself and lost its
+#: settings (echo, +CNMI, +CMEE, the unlocked PIN), so the port re-initialises it.
+RESET_URCS = ("RDY", "^SYSSTART")
+#: A stored message no +CMTI announced is read this long after a sweep first listed it: a URC
+#: held back while the modem answered arrives well within it, and keeps the message's time.
+UNANNOUNCED_GRACE_S = 1.0
+#: Every this many polls a sweep reads all storages, for messages no indication announced.
+FULL_SWEEP_EVERY_POLLS = 10
 #: Storage-full indications of the known models, up to their first parameter.
 STORAGE_FULL_URCS = tuple(p.storage_full_urc.split(",")[0] for p in PROFILES.values() if p.storage_full_urc)
 _CMTI = re.compile(r'^\+CMTI:\s*"([^"]*)",\s*(\d+)')
 _CMGR = re.compile(r"^\+CMGR:\s*(\d*)\s*,")
 _CMGL = re.compile(r"^\+CMGL:\s*(\d+)\s*,")
-_CPMS = re.compile(r'^\+CPMS:\s*"([^"]+)",\s*(\d+),\s*(\d+)')
+_CPMS_TRIPLE = re.compile(r'"([^"]+)",\s*(\d+),\s*(\d+)')
+_CSQ = re.compile(r"^\+CSQ:\s*(\d+)\s*,")
 _CREG = re.compile(r"^\+CREG:\s*\d+\s*,\s*(\d+)")
 _COPS = re.compile(r'^\+COPS:\s*\d+\s*,\s*(\d+)\s*,\s*"([^"]*)"')
 _CNUM = re.compile(r'^\+CNUM:\s*"[^"]*"\s*,\s*"([^"]+)"')
@@ -122,20 +133,22 @@ class _Backoff:
         self.current_s = 0.0
 
 
-@dataclass(frozen=True)
-class _Seen:
-    ns: int
-    slot: tuple[str, int] | None
-
-
 @dataclass
 class _Worker:
     """State only the worker thread touches."""
 
     session: GsmSession | None = None
     unread: dict[tuple[str, int], int] = field(default_factory=dict)
-    recent: OrderedDict[str, _Seen] = field(default_factory=OrderedDict)
-    pending_deletes: list[tuple[str, int]] = field(default_factory=list)
+    #: Slots read but not yet deleted, with their PDU: the consumer has not taken them yet.
+    held: dict[tuple[str, int], str] = field(default_factory=dict)
+    #: +CMT PDUs seen lately (monotonic time), to drop a repeat.
+    recent: OrderedDict[str, float] = field(default_factory=OrderedDict)
+    pending_deletes: list[tuple[list[tuple[str, int]], frozenset[str] | None]] = field(default_factory=list)
+    ready_ns: int = 0
+    #: Slots a sweep listed without an indication: first seen (monotonic), origin, PDU.
+    unannounced: dict[tuple[str, int], tuple[float, Origin, str]] = field(default_factory=dict)
+    polls: int = 0
+    full_reported: bool = False
     next_poll: float = 0.0
     sweep_at: float | None = None
     connected_once: bool = False
@@ -229,7 +242,7 @@ class ModemPort:
     def ack(self, sms: ReceivedSms) -> None:
         """The consumer has made ``sms`` durable: delete its parts from storage (once)."""
         if self._unacked.pop(id(sms), None) is not None and sms.storage:
-            self._events.put(("delete", list(sms.storage)))
+            self._events.put(("delete", list(sms.storage), frozenset(sms.pdus)))
 
     async def state(self, refresh: bool = False, timeout_s: float = 5.0) -> ModemState:
         """The modem's state; with ``refresh`` it is queried first (else the last poll's)."""
@@ -271,11 +284,16 @@ class ModemPort:
                 event = self._events.get(timeout=remaining)
             except queue.Empty:
                 return
-            if event[0] == "refresh":
+            kind = event[0]
+            if kind == "refresh":
                 event[1].set_result(None)
-            elif event[0] == "delete":
-                self._w.pending_deletes += event[1]
-            elif event[0] == "stop":
+            elif kind == "delete":
+                self._w.pending_deletes.append((event[1], event[2]))
+            elif kind == "cmti":  # read after the reconnect, with its URC time
+                self._w.unread[(event[1], event[2])] = event[3]
+            elif kind == "cmt":  # never stored: this is the only copy
+                self._take(Part.read(event[1], event[2], Origin.CMT))
+            elif kind == "stop":
                 return
 
     def _open(self) -> bool:
@@ -291,6 +309,11 @@ class ModemPort:
             self._w.session = session
             self._identify()
             self._poll()
+            self._w.ready_ns = time.time_ns()
+            pending, self._w.pending_deletes = self._w.pending_deletes, []
+            for slots, pdus in pending:
+                self._delete(slots, pdus)
+            self._sweep(Origin.SWEEP if self._w.connected_once else Origin.STARTUP)
         except (IncorrectPinError, PinRequiredError, PukRequiredError) as exc:
             session.close_quietly()
             self._w.session = None
@@ -313,9 +336,6 @@ class ModemPort:
             self._update(reconnects=self._state.reconnects + 1)
             self._record_event("reconnected")
         self._w.connected_once = True
-        pending, self._w.pending_deletes = self._w.pending_deletes, []
-        self._delete(pending)
-        self._sweep(Origin.STARTUP if first else Origin.SWEEP)
         self._connected.set()
         return True
 
@@ -324,9 +344,9 @@ class ModemPort:
         deadlines = [self._w.next_poll]
         if self._w.sweep_at is not None:
             deadlines.append(self._w.sweep_at)
-        part_deadline = self._reassembler.next_deadline_ns()
+        part_deadline = self._reassembler.next_deadline()
         if part_deadline is not None:
-            deadlines.append(now + (part_deadline - time.time_ns()) / 1e9)
+            deadlines.append(part_deadline)
         try:
             event = self._events.get(timeout=max(0.0, min(deadlines) - now))
         except queue.Empty:
@@ -336,14 +356,26 @@ class ModemPort:
                 self._handle(event)
             if self._w.session is not None and time.monotonic() >= self._w.next_poll:
                 self._poll()
-                if (self._state.storage_used or 0) > 0 and not self._w.unread and self._events.empty():
+                self._w.polls += 1
+                unannounced = (self._state.storage_used or 0) > self._held_in(self._state.storage_memory)
+                if self._events.empty() and (unannounced or self._w.polls % FULL_SWEEP_EVERY_POLLS == 0):
                     self._sweep(Origin.SWEEP)
             sweep_at = self._w.sweep_at
             if self._w.session is not None and sweep_at is not None and time.monotonic() >= sweep_at:
                 self._sweep(Origin.SWEEP)
         except TimeoutException as exc:
             self._lost(f"modem not answering ({_describe(exc)}); re-initialising")
-        for sms in self._reassembler.expire(time.time_ns()):
+        except CommandError as exc:
+            if _sim_gone(exc):
+                self._lost(f"{_describe(exc)}; re-initialising")
+            else:
+                self._record_error(f"command failed: {_describe(exc)}")
+        except (SerialException, OSError) as exc:
+            self._lost(f"port error: {_describe(exc)}; reopening")
+        except Exception as exc:  # anything unforeseen: start the modem afresh, never stop serving
+            log.warning("modem %s: unexpected %r; re-initialising", self.port, exc, exc_info=True)
+            self._lost(f"unexpected error: {_describe(exc)}; re-initialising")
+        for sms in self._reassembler.expire():
             self._emit(sms)
 
     def _handle(self, event: tuple[Any, ...]) -> None:
@@ -355,7 +387,10 @@ class ModemPort:
         elif kind == "cmt":
             self._take(Part.read(event[1], event[2], Origin.CMT))
         elif kind == "delete":
-            self._delete(event[1])
+            self._delete(event[1], event[2])
+        elif kind == "reset":
+            if event[2] > self._w.ready_ns:  # not the boot banner of our own connect
+                self._lost(f"modem restarted by itself ({event[1]!r}); re-initialising")
         elif kind == "full":
             self._record_event(f"storage full ({event[1]}); emptying it")
             self._sweep(Origin.SWEEP)
@@ -377,6 +412,8 @@ class ModemPort:
             self._events.put(("cmt", line.split("\n", 1)[1].strip(), ns))
         elif line.startswith(STORAGE_FULL_URCS):
             self._events.put(("full", line))
+        elif line.startswith(RESET_URCS):
+            self._events.put(("reset", line, ns))
         else:
             log.debug("modem %s: unsolicited %r", self.port, line)
 
@@ -413,6 +450,7 @@ class ModemPort:
             self._w.unread.pop(key, None)
             return
         ns = self._w.unread.pop(key)
+        self._w.unannounced.pop(key, None)
         self._take(Part.read(pdu, ns, Origin.CMTI, memory, index))
 
     def _sweep(self, origin: Origin) -> None:
@@ -435,10 +473,26 @@ class ModemPort:
             listed += [(memory, index, pdu) for index, pdu in _listing(lines)]
         time.sleep(SWEEP_URC_GRACE_S)  # URCs the modem held back while it answered
         self._drain_indications()
+        now = time.monotonic()
         for memory, index, pdu in listed:
-            ns = self._w.unread.pop((memory, index), None)
-            part_origin = Origin.CMTI if ns is not None else origin
-            self._take(Part.read(pdu, ns or time.time_ns(), part_origin, memory, index))
+            slot = (memory, index)
+            ns = self._w.unread.pop(slot, None)
+            if ns is not None:
+                self._w.unannounced.pop(slot, None)
+                self._take(Part.read(pdu, ns, Origin.CMTI, memory, index))
+                continue
+            if self._w.held.get(slot) == pdu:
+                continue  # the consumer has it already
+            # Listed but not announced (yet): its +CMTI may still be on the way, and reading it
+            # now would lose the URC's time. Take it only once it stays unannounced a while.
+            seen = self._w.unannounced.get(slot)
+            if seen is None or seen[2] != pdu:
+                seen = self._w.unannounced[slot] = (now, origin, pdu)
+            if now - seen[0] >= UNANNOUNCED_GRACE_S:
+                del self._w.unannounced[slot]
+                self._take(Part.read(pdu, time.time_ns(), seen[1], memory, index))
+            else:
+                self._w.sweep_at = min(self._w.sweep_at or math.inf, seen[0] + UNANNOUNCED_GRACE_S)
         # Announced but not listed: stored just after the listing. Read each now, not at the
         # next poll, or its latency would be off by a whole poll interval.
         for memory, index in [k for k in self._w.unread if k[0] in swept and k not in self._w.read_attempts]:
@@ -463,37 +517,53 @@ class ModemPort:
             self._events.put(event)
 
     def _take(self, part: Part) -> None:
-        """Pass a read part on, once: it stays in storage until the consumer has the message."""
-        now = time.time_ns()
-        recent = self._w.recent
-        while recent and next(iter(recent.values())).ns < now - DUPLICATE_WINDOW_S * 1e9:
-            recent.popitem(last=False)
+        """Pass a read part on, once: it stays in storage (held) until the consumer has it."""
         slot = (part.memory, part.index) if part.memory is not None and part.index is not None else None
-        seen = recent.get(part.pdu)
-        if seen is not None and part.origin is not Origin.CMT:
-            if slot is not None and slot != seen.slot:
+        held = self._w.held
+        if slot is not None:
+            if held.get(slot) == part.pdu:
+                return  # read again by a sweep while the consumer still has it
+            if part.pdu in held.values():
                 log.info("modem %s: the same PDU stored twice; deleting the copy at %s", self.port, slot)
-                self._delete([slot])
-            return  # a re-read of a message still held for the consumer
-        recent[part.pdu] = _Seen(now, slot)
+                self._delete([slot], None)
+                return
+            held[slot] = part.pdu
+        else:  # +CMT: nothing in storage to tell a repeat by, so remember what came lately
+            now = time.monotonic()
+            recent = self._w.recent
+            while recent and next(iter(recent.values())) < now - DUPLICATE_WINDOW_S:
+                recent.popitem(last=False)
+            if part.pdu in recent:
+                return
+            recent[part.pdu] = now
         sms = self._reassembler.add(part)
         if sms is not None:
             self._emit(sms)
 
-    def _delete(self, slots: list[tuple[str, int]]) -> None:
-        """Delete messages the consumer has taken; kept for after a reconnect if the port is down."""
+    def _held_in(self, memory: str | None) -> int:
+        return sum(1 for m, _ in self._w.held if m == memory)
+
+    def _delete(self, slots: list[tuple[str, int]], pdus: frozenset[str] | None) -> None:
+        """Delete the slots of a message the consumer has taken; only while they still hold
+        that message's PDUs (``pdus`` None: a duplicate copy), so a late or repeated
+        acknowledgement never deletes a newer message stored in a freed slot."""
         if self._w.session is None:
-            self._w.pending_deletes += slots
+            self._w.pending_deletes.append((slots, pdus))
             return
         session = self._session()
         deleted = 0
         for memory, index in slots:
+            slot = (memory, index)
+            if pdus is not None and self._w.held.get(slot) not in pdus:
+                continue
             try:
                 session._setSmsMemory(readDelete=memory)  # never delete in the wrong storage
                 session.write(f"AT+CMGD={index},0")
-                deleted += memory == self._state.storage_memory
-            except CommandError as exc:
+            except CmsError as exc:
                 self._record_error(f"deleting {memory} {index} failed: {exc}")
+                continue
+            self._w.held.pop(slot, None)
+            deleted += memory == self._state.storage_memory
         if deleted and self._state.storage_used:  # keep the shown use current between polls
             self._update(storage_used=max(0, self._state.storage_used - deleted))
 
@@ -557,9 +627,10 @@ class ModemPort:
         s = self._session()
         self._w.next_poll = time.monotonic() + self.poll_interval_s
         info: dict[str, Any] = {"connected": True}
-        rssi = s.signalStrength
-        info["signal_rssi"] = rssi if rssi >= 0 else None
-        info["signal_dbm"] = -113 + 2 * rssi if rssi >= 0 else None
+        csq = _first_match(s.write("AT+CSQ") or [], _CSQ)
+        rssi = int(csq.group(1)) if csq else 99
+        info["signal_rssi"] = rssi if rssi != 99 else None
+        info["signal_dbm"] = -113 + 2 * rssi if rssi != 99 else None
         creg = _first_match(s.write("AT+CREG?") or [], _CREG)
         info["registration"] = REGISTRATION.get(int(creg.group(1)), "unknown") if creg else "unknown"
         s.write("AT+COPS=3,0", parseError=False)
@@ -573,17 +644,28 @@ class ModemPort:
         self._poll_storage()
 
     def _poll_storage(self) -> None:
+        """Use of the storage new messages land in (``+CPMS`` mem3); full and not all of it
+        held for the consumer means messages nobody announced: sweep."""
         try:
-            cpms = _first_match(self._session().write("AT+CPMS?") or [], _CPMS)
-        except CommandError as exc:
+            lines = self._session().write("AT+CPMS?") or []
+        except CmsError as exc:
             self._record_error(f"storage query failed: {exc}")
             return
-        if cpms:
-            used, total = int(cpms.group(2)), int(cpms.group(3))
-            self._update(storage_memory=cpms.group(1), storage_used=used, storage_total=total)
-            if total and used >= total:
-                self._record_event(f"storage full ({used}/{total}); emptying it")
-                self._w.sweep_at = time.monotonic()
+        triples = _CPMS_TRIPLE.findall(" ".join(line for line in lines if line.startswith("+CPMS")))
+        if not triples:
+            return
+        memory, used_text, total_text = triples[-1]
+        used, total = int(used_text), int(total_text)
+        self._update(storage_memory=memory, storage_used=used, storage_total=total)
+        full = bool(total) and used >= total
+        if full and used > self._held_in(memory):
+            self._record_event(f"storage full ({used}/{total}); emptying it")
+            self._w.sweep_at = time.monotonic()
+        elif full and not self._w.full_reported:
+            self._record_event(f"storage full ({used}/{total}): every message awaits the consumer")
+            self._w.full_reported = True
+        if not full:
+            self._w.full_reported = False
 
     def _lost(self, why: str) -> None:
         self._record_error(why)
@@ -612,6 +694,11 @@ class ModemPort:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _sim_gone(exc: BaseException) -> bool:
+    """CME 10/13: the SIM was taken out or failed; only a re-initialisation finds it again."""
+    return isinstance(exc, CmeError) and getattr(exc, "code", None) in (10, 13)
 
 
 def _describe(exc: BaseException) -> str:

@@ -9,6 +9,8 @@ flagged, never a silent drop; a PDU that does not decode is yielded with its err
 from __future__ import annotations
 
 import enum
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -160,16 +162,17 @@ _Key = tuple[str, int, int, int, int]
 
 @dataclass
 class _Pending:
+    first: float  # monotonic: a wall-clock step (NTP on a Pi without RTC) must not expire parts
     parts: dict[int, Part] = field(default_factory=dict)
     duplicates: int = 0
-    first_ns: int = 0
 
 
 class Reassembler:
     """Collects concatenated parts until complete, or until ``timeout_s`` after the first."""
 
-    def __init__(self, timeout_s: float = 120.0) -> None:
+    def __init__(self, timeout_s: float = 120.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.timeout_s = timeout_s
+        self._clock = clock
         self._pending: dict[_Key, _Pending] = {}
 
     def add(self, part: Part) -> ReceivedSms | None:
@@ -178,13 +181,15 @@ class Reassembler:
         if part.sms is None or concat is None or concat.total == 1:
             return ReceivedSms.from_parts([part], total=1)
         key = (part.sms.sender.value, part.sms.sender.toa, concat.ref_bits, concat.ref, concat.total)
-        pending = self._pending.setdefault(key, _Pending(first_ns=part.received_ns))
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = _Pending(self._clock())
         if concat.seq in pending.parts:
             if pending.parts[concat.seq].pdu == part.pdu:
                 pending.duplicates += 1
                 return None
             # Same slot, different content: a reference reused by a new message. Finish the old.
-            self._pending[key] = _Pending(parts={concat.seq: part}, first_ns=part.received_ns)
+            self._pending[key] = _Pending(self._clock(), parts={concat.seq: part})
             return self._finish(pending, concat.total)
         pending.parts[concat.seq] = part
         if len(pending.parts) == concat.total:
@@ -192,10 +197,10 @@ class Reassembler:
             return self._finish(pending, concat.total)
         return None
 
-    def expire(self, now_ns: int) -> list[ReceivedSms]:
-        """Partial messages whose first part is older than the timeout."""
-        limit = now_ns - int(self.timeout_s * 1e9)
-        done = [k for k, p in self._pending.items() if p.first_ns <= limit]
+    def expire(self) -> list[ReceivedSms]:
+        """Partial messages whose first part came longer than the timeout ago."""
+        limit = self._clock() - self.timeout_s
+        done = [k for k, p in self._pending.items() if p.first <= limit]
         return [self._finish(self._pending.pop(k), k[4]) for k in done]
 
     def flush(self) -> list[ReceivedSms]:
@@ -204,11 +209,11 @@ class Reassembler:
         self._pending.clear()
         return out
 
-    def next_deadline_ns(self) -> int | None:
-        """When the oldest pending message times out."""
+    def next_deadline(self) -> float | None:
+        """When (on the monotonic clock) the oldest pending message times out."""
         if not self._pending:
             return None
-        return min(p.first_ns for p in self._pending.values()) + int(self.timeout_s * 1e9)
+        return min(p.first for p in self._pending.values()) + self.timeout_s
 
     @staticmethod
     def _finish(pending: _Pending, total: int) -> ReceivedSms:

@@ -196,7 +196,9 @@ async def test_burst_of_fifty_without_loss(
         modem.deliver("+447700900123", text)
     got = await receive(port, 50, timeout_s=30)
     assert {s.text for s in got} == sent
-    assert all(s.origin is Origin.CMTI for s in got)
+    assert all(s.origin is Origin.CMTI for s in got), [
+        (s.text, s.origin) for s in got if s.origin is not Origin.CMTI
+    ]
     await wait_state(port, lambda s: s.storage_used == 0)
 
 
@@ -459,6 +461,88 @@ async def test_slow_modem_still_delivers(
         "the stamp is the URC's, not the read's"
     )
     assert (sms.completed_at - sms.arrived_at).total_seconds() < 1
+
+
+async def test_sim_removed_mid_session_is_reported_and_recovered(
+    make_modem: Callable[..., VirtualModem], open_port: Callable[..., ModemPort]
+) -> None:
+    modem = make_modem()
+    port = open_port(modem)
+    await port.start()
+    assert await port.wait_connected()
+    modem.remove_sim()
+    modem.deliver("+1555", "its read fails: no SIM")  # stored, announced, CME 10 on the read
+    state = await wait_state(port, lambda s: "SIM not inserted" in (s.last_error or ""))
+    assert not state.connected
+    modem.insert_sim()
+    [sms] = await receive(port, 1, timeout_s=15)
+    assert sms.text == "its read fails: no SIM"
+    assert (await port.state()).connected
+
+
+async def test_modem_that_restarts_by_itself_is_reinitialised(
+    make_modem: Callable[..., VirtualModem], open_port: Callable[..., ModemPort]
+) -> None:
+    """A brown-out: echo back on, +CNMI and +CMEE forgotten, the SIM locked again."""
+    modem = make_modem("sim800l", sim=SimCard(pin="1234"))
+    port = open_port(modem, pin="1234", profile="sim800l")
+    await port.start()
+    assert await port.wait_connected()
+    modem.reboot()
+    state = await wait_state(port, lambda s: s.reconnects >= 1 and s.connected)
+    assert any("restarted by itself" in e for e in state.events)
+    modem.deliver("+1555", "after the brown-out")
+    [sms] = await receive(port, 1)
+    assert sms.text == "after the brown-out" and sms.origin is Origin.CMTI
+
+
+async def test_ascii_noise_inside_answers_is_skipped(
+    make_modem: Callable[..., VirtualModem], open_port: Callable[..., ModemPort]
+) -> None:
+    modem = make_modem()
+    port = open_port(modem)
+    await port.start()
+    assert await port.wait_connected()
+    modem.noise_in_answers("zz noise zz")
+    for i in range(3):
+        modem.deliver("+1555", f"read through noisy answers {i}")
+    got = await receive(port, 3)
+    assert [s.text for s in got] == [f"read through noisy answers {i}" for i in range(3)]
+    state = await port.state(refresh=True)
+    assert state.signal_rssi == 20 and state.mcc_mnc == "23415" and state.connected
+
+
+async def test_unannounced_message_is_found_by_polling(
+    make_modem: Callable[..., VirtualModem], open_port: Callable[..., ModemPort]
+) -> None:
+    """Its +CMTI was lost (or never sent): the poll sees storage in use and sweeps."""
+    modem = make_modem()
+    port = open_port(modem)
+    await port.start()
+    assert await port.wait_connected()
+    modem.store_silently("+1555", "nobody announced me")
+    [sms] = await receive(port, 1, timeout_s=10)
+    assert sms.text == "nobody announced me" and sms.origin is Origin.SWEEP
+
+
+async def test_full_storage_held_by_a_slow_consumer_is_not_swept_in_a_loop(
+    make_modem: Callable[..., VirtualModem], open_port: Callable[..., ModemPort]
+) -> None:
+    modem = make_modem("e3372")
+    port = open_port(modem, profile="e3372")
+    await port.start()
+    assert await port.wait_connected()
+    modem.fill_storage()
+    iterator = port.received().__aiter__()
+    first = await asyncio.wait_for(anext(iterator), 10)  # taken, never acknowledged: all 50 held
+    await asyncio.sleep(1.0)
+    before = sum(1 for c in modem.commands if c == "AT+CMGL=4")
+    await asyncio.sleep(1.5)
+    after = sum(1 for c in modem.commands if c == "AT+CMGL=4")
+    assert after - before <= 4, "no busy loop while the consumer holds everything"
+    state = await port.state()
+    assert any("awaits the consumer" in e for e in state.events)
+    port.ack(first)
 
 
 # --- SIM and PIN -------------------------------------------------------------------------------

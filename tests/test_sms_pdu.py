@@ -181,8 +181,8 @@ def test_every_coding_group(dcs: int, alphabet: Alphabet, klass: int | None, ext
 
 
 # --- the library's defects: ours right, the library's own decoder wrong --------------------
-# Each case runs against our codec and against gsmmodem.pdu.decodeSmsPdu. The library runs are
-# expected to fail (xfail, not strict: a fixed library release shows up as XPASS, not red CI).
+# Each case runs against our codec and against gsmmodem.pdu.decodeSmsPdu. The library runs must
+# fail (strict xfail): a release that fixes one turns red here, the cue to retire our part.
 
 
 def _vector(name: str) -> dict[str, Any]:
@@ -229,6 +229,7 @@ DEFECTS = {
     "dcs_e8_ucs2_mwi": (_deliver(0xE8, "Привет".encode("utf-16-be"), 12), "Привет"),
     # 5. An escape followed by an undefined code is dropped: TS 23.038 shows the base character.
     "unknown_escape": (_deliver(0x00, pack_septets(bytes([0x41, 0x1B, 0x42, 0x43])), 4), "ABC"),
+    "escape_escape": (_deliver(0x00, pack_septets(bytes([0x41, 0x1B, 0x1B, 0x43])), 4), "A C"),
     # 6. Septets counted in octets: a final @ is lost; an escaped form feed is never decoded.
     "final_at": (encode_deliver("+1555", "hello @@")[0], "hello @@"),
     "form_feed": (encode_deliver("+1555", "a\x0cb")[0], "a\x0cb"),
@@ -247,7 +248,7 @@ def test_library_defects_are_fixed_here(case: str) -> None:
 
 
 @pytest.mark.parametrize("case", list(DEFECTS))
-@pytest.mark.xfail(reason="python-gsmmodem-new 0.13 decodes this wrong (shared/notes)", strict=False)
+@pytest.mark.xfail(reason="python-gsmmodem-new 0.13 decodes this wrong (shared/notes)", strict=True)
 def test_library_decoder_fails_the_same_cases(case: str) -> None:
     pdu, expected = DEFECTS[case]
     assert library(pdu) == expected
