@@ -1,0 +1,322 @@
+"""The MQTT wire contract: every topic, built and parsed here only, and its one payload model.
+
+The controller imports this module; nothing here imports the controller. Payloads are JSON with
+RFC 3339 UTC times (the SMSC timestamp keeps the zone the SMSC gave) and ``_ms`` durations.
+Receivers ignore unknown fields, so v1 grows only by adding optional fields; a breaking change
+publishes a ``v2`` tree beside this one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+CONTRACT_MAJOR = 1
+DEFAULT_PREFIX = f"pf/v{CONTRACT_MAJOR}"
+#: Agent and modem ids become topic levels: no MQTT wildcards, separators or spaces.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+#: Commands an agent answers on ``request/{cmd}``.
+COMMANDS = ("time", "reload", "modem-reset", "rescan", "storage")
+
+Id = Annotated[str, Field(pattern=ID_PATTERN)]
+
+
+class Payload(BaseModel):
+    """Base of every payload: unknown fields are ignored, so v1 can grow additively."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    def to_json(self) -> bytes:
+        """The payload as it goes on the wire."""
+        return self.model_dump_json(exclude_none=False).encode()
+
+
+class ClockState(Payload):
+    """What the agent knows of its own clock, carried by every observation and in health."""
+
+    offset_ms: float | None = Field(
+        None, description="Estimated local clock minus true time, ms; subtract it to correct."
+    )
+    error_ms: float | None = Field(None, description="Bound on the offset's error, ms.")
+    source: Literal["chrony", "controller", "none"] = Field(
+        "none", description="Where the estimate comes from."
+    )
+    since_sync_s: float | None = Field(None, description="Seconds since the estimate was last updated.")
+
+
+class AgentStatus(Payload):
+    """``agents/{agent}/status``, retained: online on connect, offline on a clean stop, lost as
+    the last will. ``session`` is per process, so a late will of an old connection can be told
+    from the live one."""
+
+    state: Literal["online", "offline", "lost"] = Field(description="Availability of the agent.")
+    agent: Id = Field(description="Agent id.")
+    session: str = Field(description="Id of this agent process; changes on every start.")
+    version: str = Field(description="Agent software version.")
+    started_at: AwareDatetime = Field(description="When this process started (UTC).")
+    at: AwareDatetime | None = Field(None, description="When this status was published; none for a will.")
+    uptime_s: float | None = Field(None, description="Seconds since start when published.")
+    dropped: int = Field(0, description="Observations dropped by the full spool since it was created.")
+
+
+class ModemState(Payload):
+    """``agents/{agent}/modems/{modem}/state``, retained, on every change."""
+
+    agent: Id
+    modem: Id
+    port: str = Field(description="Serial port path (the stable udev name).")
+    profile: str | None = Field(None, description="Modem model profile.")
+    connected: bool = Field(description="Port open and modem initialised.")
+    registration: str | None = Field(None, description="registered_home, registered_roaming, searching, ...")
+    operator: str | None = None
+    mcc_mnc: str | None = None
+    expected_mcc_mnc: str | None = Field(None, description="From the agent's config.")
+    imsi: str | None = None
+    iccid: str | None = None
+    msisdn: str | None = Field(None, description="As configured, else as the SIM reports it.")
+    signal_rssi: int | None = Field(None, description="27.007 RSSI 0..31.")
+    signal_dbm: int | None = None
+    storage_memory: str | None = None
+    storage_used: int | None = None
+    storage_total: int | None = None
+    last_error: str | None = None
+    last_error_at: AwareDatetime | None = None
+    reconnects: int = 0
+    events: list[str] = Field(default_factory=list, description="Recent recovery events, newest last.")
+    updated_at: AwareDatetime | None = None
+
+
+class Health(Payload):
+    """``agents/{agent}/health``, retained at QoS 0, every heartbeat."""
+
+    agent: Id
+    at: AwareDatetime
+    spool_depth: int = Field(description="Observations waiting for the broker's acknowledgement.")
+    dropped: int = Field(description="Observations dropped by the full spool since it was created.")
+    reconnects: int = Field(description="Broker reconnects since start.")
+    clock: ClockState
+    load_1m: float | None = None
+    memory_used_pct: float | None = None
+    rss_mb: float | None = None
+    disk_free_mb: float | None = None
+    modems_connected: int = 0
+    modems_total: int = 0
+
+
+class SimIdentity(Payload):
+    """The SIM an observation came in on."""
+
+    imsi: str | None = None
+    iccid: str | None = None
+    msisdn: str | None = None
+    mcc_mnc: str | None = None
+
+
+class Observation(Payload):
+    """``agents/{agent}/sms``, QoS 1 from the durable spool: one received SMS, parts joined."""
+
+    id: str = Field(description="Stable id (same SMS read twice, same id): remove duplicates by it.")
+    agent: Id
+    modem: Id
+    sim: SimIdentity
+    sender: str | None = Field(
+        description="As received: +digits when international, or the alphanumeric name."
+    )
+    sender_type: str | None = Field(description="Type of number: international, national, alphanumeric, ...")
+    sender_toa: int | None = Field(None, description="Type-of-address octet as received.")
+    text: str | None = Field(description="Decoded text of all parts; none when undecodable.")
+    smsc: str | None = Field(description="SMSC address from the PDU.")
+    scts: AwareDatetime | None = Field(
+        description="SMSC timestamp, in the zone the SMSC gave (1 s resolution)."
+    )
+    urc_at: AwareDatetime = Field(description="When the first part's indication came off the port (UTC).")
+    completed_at: AwareDatetime = Field(description="When the last part's did (UTC).")
+    parts: int
+    total_parts: int
+    partial: bool = Field(description="Parts missing past the timeout, or undecodable parts.")
+    missing_parts: list[int] = Field(default_factory=list)
+    dcs: int | None = None
+    alphabet: str | None = None
+    message_class: int | None = None
+    flash: bool = False
+    pid: int | None = None
+    silent: bool = Field(False, description="PID 0x40: a type-0 SMS a handset would not show.")
+    replace_type: int | None = Field(None, description="1..7 for the replace-short-message PIDs.")
+    concat_ref: int | None = None
+    concat_ref_bits: int | None = None
+    origin: Literal["cmti", "cmt", "startup", "sweep"] = Field(
+        description="How it was read: indicated, routed directly, or found in storage."
+    )
+    stored_before_start: bool = False
+    pdus: list[str] = Field(description="Raw PDU (hex, with SMSC prefix) of every part, in order.")
+    decode_error: str | None = None
+    notes: list[str] = Field(default_factory=list)
+    signal_dbm: int | None = None
+    clock: ClockState = Field(description="The agent's clock estimate when it read the SMS.")
+    software_version: str
+
+
+class CommandRequest(Payload):
+    """``agents/{agent}/request/{cmd}``: ``transaction`` is echoed in the response."""
+
+    transaction: str = Field(min_length=1, max_length=128)
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class CommandResponse(Payload):
+    """``agents/{agent}/response/{cmd}``: the fixed envelope."""
+
+    transaction: str | None = Field(description="The request's, when it could be read.")
+    status: Literal["ok", "error"]
+    data: dict[str, Any] | None = None
+    error: str | None = None
+
+
+class TimeRequestData(Payload):
+    """``data`` of the ``time`` command: the controller's send time, and optionally the offset it
+    computed from the previous exchange, which the agent then reports as its estimate."""
+
+    t1: AwareDatetime
+    offset_ms: float | None = None
+    error_ms: float | None = None
+
+
+class TimeResponseData(Payload):
+    """``data`` of the ``time`` response: NTP's t1 echoed, t2 received, t3 sent (agent clock)."""
+
+    t1: AwareDatetime
+    t2: AwareDatetime
+    t3: AwareDatetime
+
+
+class ControllerStatus(Payload):
+    """``controller/status``, retained: agents republish their state when it comes online."""
+
+    state: Literal["online", "lost", "offline"]
+    session: str
+    at: AwareDatetime | None = None
+
+
+PAYLOADS: dict[str, type[Payload]] = {
+    "status": AgentStatus,
+    "modem_state": ModemState,
+    "health": Health,
+    "sms": Observation,
+    "request": CommandRequest,
+    "response": CommandResponse,
+    "controller_status": ControllerStatus,
+}
+
+
+@dataclass(frozen=True)
+class Topic:
+    """A parsed topic: its kind (a key of ``PAYLOADS``) and the ids in it."""
+
+    kind: str
+    agent: str | None = None
+    modem: str | None = None
+    command: str | None = None
+
+    @property
+    def model(self) -> type[Payload]:
+        """The payload model of this topic."""
+        return PAYLOADS[self.kind]
+
+
+class Topics:
+    """Builds and parses every topic under one prefix (default ``pf/v1``)."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        if not prefix or prefix.startswith("/") or prefix.endswith("/") or any(c in prefix for c in "+#"):
+            raise ValueError(f"invalid topic prefix {prefix!r}")
+        self.prefix = prefix
+        p = re.escape(prefix)
+        seg = r"([A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
+        self._patterns = [
+            (re.compile(rf"^{p}/agents/{seg}/status$"), "status"),
+            (re.compile(rf"^{p}/agents/{seg}/modems/{seg}/state$"), "modem_state"),
+            (re.compile(rf"^{p}/agents/{seg}/health$"), "health"),
+            (re.compile(rf"^{p}/agents/{seg}/sms$"), "sms"),
+            (re.compile(rf"^{p}/agents/{seg}/request/([a-z-]+)$"), "request"),
+            (re.compile(rf"^{p}/agents/{seg}/response/([a-z-]+)$"), "response"),
+            (re.compile(rf"^{p}/controller/status$"), "controller_status"),
+        ]
+
+    def status(self, agent: str) -> str:
+        return f"{self.prefix}/agents/{_check(agent)}/status"
+
+    def modem_state(self, agent: str, modem: str) -> str:
+        return f"{self.prefix}/agents/{_check(agent)}/modems/{_check(modem)}/state"
+
+    def health(self, agent: str) -> str:
+        return f"{self.prefix}/agents/{_check(agent)}/health"
+
+    def sms(self, agent: str) -> str:
+        return f"{self.prefix}/agents/{_check(agent)}/sms"
+
+    def request(self, agent: str, command: str) -> str:
+        return f"{self.prefix}/agents/{_check(agent)}/request/{command}"
+
+    def response(self, agent: str, command: str) -> str:
+        return f"{self.prefix}/agents/{_check(agent)}/response/{command}"
+
+    def controller_status(self) -> str:
+        return f"{self.prefix}/controller/status"
+
+    def agent_requests(self, agent: str) -> str:
+        """Subscription filter of the requests addressed to one agent."""
+        return f"{self.prefix}/agents/{_check(agent)}/request/+"
+
+    def parse(self, topic: str) -> Topic | None:
+        """The kind and ids of a topic of this tree, or None for anything else."""
+        for pattern, kind in self._patterns:
+            m = pattern.match(topic)
+            if not m:
+                continue
+            groups = m.groups()
+            if kind == "modem_state":
+                return Topic(kind, agent=groups[0], modem=groups[1])
+            if kind in ("request", "response"):
+                return Topic(kind, agent=groups[0], command=groups[1])
+            if kind == "controller_status":
+                return Topic(kind)
+            return Topic(kind, agent=groups[0])
+        return None
+
+
+def _check(identifier: str) -> str:
+    if not re.match(ID_PATTERN, identifier):
+        raise ValueError(f"{identifier!r} cannot be a topic level (letters, digits, _ . - only)")
+    return identifier
+
+
+class InvalidPayload(ValueError):
+    """A message that does not match its topic's model; carries the topic for the log."""
+
+    def __init__(self, topic: str, reason: str) -> None:
+        super().__init__(f"invalid payload on {topic}: {reason}")
+        self.topic = topic
+        self.reason = reason
+
+
+def decode(topics: Topics, topic: str, payload: bytes) -> tuple[Topic, Payload]:
+    """Parse a topic and validate its payload; InvalidPayload names what is wrong."""
+    parsed = topics.parse(topic)
+    if parsed is None:
+        raise InvalidPayload(topic, "not a topic of this contract")
+    try:
+        return parsed, parsed.model.model_validate_json(payload)
+    except ValidationError as exc:
+        errors = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or 'payload'}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidPayload(topic, errors) from None
+
+
+def utc_iso(when: datetime) -> str:
+    """RFC 3339 with microseconds, as payloads carry times."""
+    return when.isoformat(timespec="microseconds")
