@@ -1,0 +1,331 @@
+"""The probe agent: modems in, observations out through the durable spool, losing nothing.
+
+One ``ModemRunner`` per configured modem turns each received SMS into an ``Observation``, writes it
+to the spool (the SIM copy is deleted only after that write), and publishes the modem's state
+when it changes. The ``Uplink`` drains the spool to the broker. Heartbeats publish health and
+ping the systemd watchdog; commands from the controller arrive on ``request/{cmd}``.
+A broken modem is reported and retried by its port while the others keep working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from probe_agent import __version__, sdnotify
+from probe_agent.clock import Clock
+from probe_agent.commands import CommandError, Commands
+from probe_agent.config import AgentConfig, ModemConfig
+from probe_agent.modem import ModemPort
+from probe_agent.modem import ModemState as PortState
+from probe_agent.protocol import (
+    AgentStatus,
+    ClockState,
+    Health,
+    ModemState,
+    Observation,
+    SimIdentity,
+    Topics,
+)
+from probe_agent.received import ReceivedSms
+from probe_agent.spool import Spool
+from probe_agent.uplink import Uplink
+
+log = logging.getLogger(__name__)
+
+#: How often a modem's state is compared with what was last published.
+STATE_CHECK_S = 1.0
+
+PortFactory = Callable[[ModemConfig], ModemPort]
+
+
+def observation_id(agent: str, modem: str, pdus: tuple[str, ...]) -> str:
+    """Stable id: the same SMS read again (after a crash, from storage) gets the same id."""
+    digest = hashlib.sha256("|".join((agent, modem, *pdus)).encode()).hexdigest()
+    return digest[:32]
+
+
+def default_port(config: ModemConfig) -> ModemPort:
+    """A real modem port for a configured modem."""
+    return ModemPort(
+        config.port,
+        pin=config.secret_pin(),
+        profile=config.profile,
+        poll_interval_s=config.poll_interval_s,
+        direct_delivery=config.direct_delivery,
+    )
+
+
+class ModemRunner:
+    """One modem: its port, the consumer of its messages, its published state."""
+
+    def __init__(self, agent: Agent, config: ModemConfig) -> None:
+        self.agent = agent
+        self.config = config
+        self.port = agent.port_factory(config)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._published: dict[str, Any] | None = None
+        self.log = logging.LoggerAdapter(log, {"agent": agent.config.agent_id, "modem": config.id})
+
+    async def start(self) -> None:
+        await self.port.start()
+        self._tasks = [
+            asyncio.create_task(self._consume(), name=f"consume {self.config.id}"),
+            asyncio.create_task(self._watch_state(), name=f"state {self.config.id}"),
+        ]
+
+    async def stop(self) -> None:
+        await self.port.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _consume(self) -> None:
+        async for sms in self.port.received():
+            state = await self.port.state()
+            observation = self.agent.observation(self.config, sms, state)
+            stored = await asyncio.to_thread(
+                self.agent.spool.put,
+                observation.id,
+                self.agent.topics.sms(self.agent.config.agent_id),
+                observation.to_json(),
+            )
+            self.log.info(
+                "SMS from %s spooled%s",
+                sms.sender,
+                "" if stored else " (already spooled or sent: a re-read)",
+                extra={"observation": observation.id},
+            )
+            self.port.ack(sms)  # durable in the spool: the SIM copy can go
+            self.agent.uplink.wake()
+
+    async def _watch_state(self) -> None:
+        while True:
+            await self.publish_state()
+            await asyncio.sleep(STATE_CHECK_S)
+
+    def state_payload(self, state: PortState) -> ModemState:
+        return ModemState(
+            agent=self.agent.config.agent_id,
+            modem=self.config.id,
+            port=self.config.port,
+            profile=self.config.profile,
+            connected=state.connected,
+            registration=state.registration,
+            operator=state.operator,
+            mcc_mnc=state.mcc_mnc,
+            expected_mcc_mnc=self.config.expected_mcc_mnc,
+            imsi=state.imsi,
+            iccid=state.iccid,
+            msisdn=self.config.msisdn or state.msisdn,
+            signal_rssi=state.signal_rssi,
+            signal_dbm=state.signal_dbm,
+            storage_memory=state.storage_memory,
+            storage_used=state.storage_used,
+            storage_total=state.storage_total,
+            last_error=state.last_error,
+            last_error_at=state.last_error_at,
+            reconnects=state.reconnects,
+            events=list(state.events),
+            updated_at=state.updated_at,
+        )
+
+    async def publish_state(self, force: bool = False) -> ModemState:
+        """Publish the retained state when it changed (ignoring the update time)."""
+        payload = self.state_payload(await self.port.state())
+        comparable = payload.model_dump(exclude={"updated_at", "signal_rssi", "signal_dbm"})
+        # Signal moves all the time: publish it on a change of 3 dB or more, not every wobble.
+        signal = payload.signal_dbm
+        last = self._published
+        if (
+            force
+            or last is None
+            or {k: v for k, v in comparable.items()} != last["state"]
+            or (signal is None) != (last["signal"] is None)
+            or (signal is not None and abs(signal - last["signal"]) >= 3)
+        ):
+            self._published = {"state": comparable, "signal": signal}
+            await self.agent.uplink.publish_retained(
+                self.agent.topics.modem_state(self.agent.config.agent_id, self.config.id), payload
+            )
+        return payload
+
+
+class Agent:
+    """The whole agent process; ``run()`` until the stop event is set."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        config_path: Path | None = None,
+        clock: Clock | None = None,
+        port_factory: PortFactory = default_port,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.clock = clock or Clock(chronyc=config.clock.chronyc or None)
+        self.port_factory = port_factory
+        self.topics = Topics(config.topic_prefix)
+        self.session = uuid.uuid4().hex
+        self.started_at = datetime.now(UTC)
+        self._started_monotonic = time.monotonic()
+        self.spool = Spool(config.spool.path, config.spool.max_entries)
+        self.modems: dict[str, ModemRunner] = {}
+        self.commands = Commands(self)
+        self.uplink = Uplink(
+            config.broker,
+            self.topics,
+            config.agent_id,
+            self.spool,
+            status=self.status,
+            on_command=self.commands.handle,
+            now=self.clock.now,
+            on_controller_online=self.republish,
+        )
+        self.log = logging.LoggerAdapter(log, {"agent": config.agent_id})
+
+    def status(self, state: str) -> AgentStatus:
+        """The availability payload for ``state`` (online / offline / lost)."""
+        return AgentStatus(
+            state=state,
+            agent=self.config.agent_id,
+            session=self.session,
+            version=__version__,
+            started_at=self.started_at,
+            at=None if state == "lost" else datetime.now(UTC),
+            uptime_s=None if state == "lost" else round(time.monotonic() - self._started_monotonic, 3),
+            dropped=self.spool.dropped(),
+        )
+
+    def observation(self, modem: ModemConfig, sms: ReceivedSms, state: PortState) -> Observation:
+        """An observation from a received SMS, with the SIM and clock it was read with."""
+        return Observation(
+            id=observation_id(self.config.agent_id, modem.id, sms.pdus),
+            agent=self.config.agent_id,
+            modem=modem.id,
+            sim=SimIdentity(
+                imsi=state.imsi, iccid=state.iccid, msisdn=modem.msisdn or state.msisdn, mcc_mnc=state.mcc_mnc
+            ),
+            sender=sms.sender,
+            sender_type=sms.sender_type,
+            sender_toa=sms.sender_toa,
+            text=sms.text,
+            smsc=sms.smsc,
+            scts=sms.scts,
+            urc_at=sms.arrived_at,
+            completed_at=sms.completed_at,
+            parts=sms.parts,
+            total_parts=sms.total_parts,
+            partial=sms.partial,
+            missing_parts=list(sms.missing_parts),
+            dcs=sms.dcs,
+            alphabet=sms.alphabet,
+            message_class=sms.message_class,
+            flash=sms.flash,
+            pid=sms.pid,
+            silent=sms.silent,
+            replace_type=sms.replace_type,
+            concat_ref=sms.concat_ref,
+            concat_ref_bits=sms.concat_ref_bits,
+            origin=sms.origin.value,
+            stored_before_start=sms.stored_before_start,
+            pdus=list(sms.pdus),
+            decode_error=sms.decode_error,
+            notes=list(sms.notes),
+            signal_dbm=state.signal_dbm,
+            clock=self.clock.state(),
+            software_version=__version__,
+        )
+
+    def health(self) -> Health:
+        """Spool, uplink, clock and host figures for the heartbeat."""
+        disk = shutil.disk_usage(self.config.spool.path.parent)
+        return Health(
+            agent=self.config.agent_id,
+            at=datetime.now(UTC),
+            spool_depth=self.spool.depth(),
+            dropped=self.spool.dropped(),
+            reconnects=self.uplink.reconnects,
+            clock=self.clock.state(),
+            load_1m=os.getloadavg()[0],
+            memory_used_pct=psutil.virtual_memory().percent,
+            rss_mb=round(psutil.Process().memory_info().rss / 1e6, 1),
+            disk_free_mb=round(disk.free / 1e6, 1),
+            modems_connected=sum(
+                1 for r in self.modems.values() if r._published and r._published["state"]["connected"]
+            ),
+            modems_total=len(self.modems),
+        )
+
+    def clock_state(self) -> ClockState:
+        return self.clock.state()
+
+    async def add_modem(self, config: ModemConfig) -> ModemRunner:
+        runner = ModemRunner(self, config)
+        self.modems[config.id] = runner
+        await runner.start()
+        return runner
+
+    async def remove_modem(self, modem_id: str) -> None:
+        runner = self.modems.pop(modem_id)
+        await runner.stop()
+
+    async def republish(self) -> None:
+        """The controller came (back) online: send every retained state again."""
+        for runner in list(self.modems.values()):
+            await runner.publish_state(force=True)
+        await self.uplink.publish_retained(self.topics.health(self.config.agent_id), self.health(), qos=0)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.to_thread(self.clock.refresh)
+            await self.uplink.publish_retained(self.topics.health(self.config.agent_id), self.health(), qos=0)
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+
+    async def _watchdog(self, interval_s: float) -> None:
+        while True:
+            sdnotify.watchdog()
+            await asyncio.sleep(interval_s / 3)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start everything, tell systemd we are ready, run until ``stop`` is set, stop cleanly."""
+        self.log.info(
+            "agent %s starting (version %s, session %s)", self.config.agent_id, __version__, self.session
+        )
+        uplink = asyncio.create_task(self.uplink.run(), name="uplink")
+        for modem in self.config.modems:
+            await self.add_modem(modem)
+        tasks = [asyncio.create_task(self._heartbeat(), name="heartbeat")]
+        watchdog_s = sdnotify.watchdog_interval_s()
+        if watchdog_s:
+            tasks.append(asyncio.create_task(self._watchdog(watchdog_s), name="watchdog"))
+        sdnotify.ready()
+        try:
+            await stop.wait()
+        finally:
+            sdnotify.stopping()
+            self.log.info("agent stopping")
+            for modem_id in list(self.modems):
+                await self.remove_modem(modem_id)
+            await self.uplink.stop()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            uplink.cancel()  # leaves the connection with a DISCONNECT: no will
+            await asyncio.gather(uplink, return_exceptions=True)
+            self.spool.close()
+
+
+__all__ = ["Agent", "CommandError", "ModemRunner", "observation_id"]
