@@ -27,6 +27,7 @@ from probe_agent import __version__, sdnotify
 from probe_agent.clock import Clock
 from probe_agent.commands import CommandError, Commands
 from probe_agent.config import AgentConfig, ModemConfig
+from probe_agent.logs import bind
 from probe_agent.modem import ModemPort
 from probe_agent.modem import ModemState as PortState
 from probe_agent.protocol import (
@@ -76,7 +77,7 @@ class ModemRunner:
         self.port = agent.port_factory(config)
         self._tasks: list[asyncio.Task[None]] = []
         self._published: dict[str, Any] | None = None
-        self.log = logging.LoggerAdapter(log, {"agent": agent.config.agent_id, "modem": config.id})
+        self.log = bind(log, agent=agent.config.agent_id, modem=config.id)
 
     async def start(self) -> None:
         await self.port.start()
@@ -194,7 +195,7 @@ class Agent:
             now=self.clock.now,
             on_controller_online=self.republish,
         )
-        self.log = logging.LoggerAdapter(log, {"agent": config.agent_id})
+        self.log = bind(log, agent=config.agent_id)
 
     def status(self, state: str) -> AgentStatus:
         """The availability payload for ``state`` (online / offline / lost)."""
@@ -289,9 +290,15 @@ class Agent:
         await self.uplink.publish_retained(self.topics.health(self.config.agent_id), self.health(), qos=0)
 
     async def _heartbeat(self) -> None:
+        reported_dropped = self.spool.dropped()
         while True:
             await asyncio.to_thread(self.clock.refresh)
             await self.uplink.publish_retained(self.topics.health(self.config.agent_id), self.health(), qos=0)
+            dropped = self.spool.dropped()
+            if dropped != reported_dropped:  # a full spool dropped observations: say so in the status
+                self.log.warning("spool full: %d observation(s) dropped so far", dropped)
+                await self.uplink.publish_status()
+                reported_dropped = dropped
             await asyncio.sleep(self.config.heartbeat_interval_s)
 
     async def _watchdog(self, interval_s: float) -> None:

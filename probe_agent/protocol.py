@@ -66,63 +66,63 @@ class AgentStatus(Payload):
 class ModemState(Payload):
     """``agents/{agent}/modems/{modem}/state``, retained, on every change."""
 
-    agent: Id
-    modem: Id
+    agent: Id = Field(description="Agent id.")
+    modem: Id = Field(description="Modem id, unique on its agent.")
     port: str = Field(description="Serial port path (the stable udev name).")
     profile: str | None = Field(None, description="Modem model profile.")
     connected: bool = Field(description="Port open and modem initialised.")
     registration: str | None = Field(None, description="registered_home, registered_roaming, searching, ...")
-    operator: str | None = None
-    mcc_mnc: str | None = None
+    operator: str | None = Field(None, description="Network name the modem is registered on.")
+    mcc_mnc: str | None = Field(None, description="MCC+MNC of that network.")
     expected_mcc_mnc: str | None = Field(None, description="From the agent's config.")
-    imsi: str | None = None
-    iccid: str | None = None
+    imsi: str | None = Field(None, description="IMSI of the SIM.")
+    iccid: str | None = Field(None, description="ICCID of the SIM.")
     msisdn: str | None = Field(None, description="As configured, else as the SIM reports it.")
     signal_rssi: int | None = Field(None, description="27.007 RSSI 0..31.")
-    signal_dbm: int | None = None
-    storage_memory: str | None = None
-    storage_used: int | None = None
-    storage_total: int | None = None
-    last_error: str | None = None
-    last_error_at: AwareDatetime | None = None
-    reconnects: int = 0
+    signal_dbm: int | None = Field(None, description="Signal strength, dBm.")
+    storage_memory: str | None = Field(None, description="Storage new SMS land in (SM, ME, ...).")
+    storage_used: int | None = Field(None, description="Messages in it (read ones are deleted).")
+    storage_total: int | None = Field(None, description="Its capacity in messages.")
+    last_error: str | None = Field(None, description="Last problem the port met, in words.")
+    last_error_at: AwareDatetime | None = Field(None, description="When (UTC).")
+    reconnects: int = Field(0, description="Times the port re-opened or re-initialised the modem.")
     events: list[str] = Field(default_factory=list, description="Recent recovery events, newest last.")
-    updated_at: AwareDatetime | None = None
+    updated_at: AwareDatetime | None = Field(None, description="When this state was read (UTC).")
 
 
 class Health(Payload):
     """``agents/{agent}/health``, retained at QoS 0, every heartbeat."""
 
-    agent: Id
-    at: AwareDatetime
+    agent: Id = Field(description="Agent id.")
+    at: AwareDatetime = Field(description="When measured (UTC).")
     spool_depth: int = Field(description="Observations waiting for the broker's acknowledgement.")
     dropped: int = Field(description="Observations dropped by the full spool since it was created.")
     reconnects: int = Field(description="Broker reconnects since start.")
-    clock: ClockState
-    load_1m: float | None = None
-    memory_used_pct: float | None = None
-    rss_mb: float | None = None
-    disk_free_mb: float | None = None
-    modems_connected: int = 0
-    modems_total: int = 0
+    clock: ClockState = Field(description="The agent's clock estimate.")
+    load_1m: float | None = Field(None, description="1-minute load average of the Pi.")
+    memory_used_pct: float | None = Field(None, description="Memory in use on the Pi, %.")
+    rss_mb: float | None = Field(None, description="Resident memory of the agent process, MB.")
+    disk_free_mb: float | None = Field(None, description="Free space where the spool lives, MB.")
+    modems_connected: int = Field(0, description="Modems open and initialised.")
+    modems_total: int = Field(0, description="Modems configured.")
 
 
 class SimIdentity(Payload):
     """The SIM an observation came in on."""
 
-    imsi: str | None = None
-    iccid: str | None = None
-    msisdn: str | None = None
-    mcc_mnc: str | None = None
+    imsi: str | None = Field(None, description="IMSI.")
+    iccid: str | None = Field(None, description="ICCID.")
+    msisdn: str | None = Field(None, description="The SIM's number, E.164.")
+    mcc_mnc: str | None = Field(None, description="Network it was registered on.")
 
 
 class Observation(Payload):
     """``agents/{agent}/sms``, QoS 1 from the durable spool: one received SMS, parts joined."""
 
     id: str = Field(description="Stable id (same SMS read twice, same id): remove duplicates by it.")
-    agent: Id
-    modem: Id
-    sim: SimIdentity
+    agent: Id = Field(description="Agent id.")
+    modem: Id = Field(description="Modem id.")
+    sim: SimIdentity = Field(description="The SIM it arrived on.")
     sender: str | None = Field(
         description="As received: +digits when international, or the alphanumeric name."
     )
@@ -135,70 +135,72 @@ class Observation(Payload):
     )
     urc_at: AwareDatetime = Field(description="When the first part's indication came off the port (UTC).")
     completed_at: AwareDatetime = Field(description="When the last part's did (UTC).")
-    parts: int
-    total_parts: int
+    parts: int = Field(description="Parts received.")
+    total_parts: int = Field(description="Parts the concatenation header announced (1 if none).")
     partial: bool = Field(description="Parts missing past the timeout, or undecodable parts.")
-    missing_parts: list[int] = Field(default_factory=list)
-    dcs: int | None = None
-    alphabet: str | None = None
-    message_class: int | None = None
-    flash: bool = False
-    pid: int | None = None
+    missing_parts: list[int] = Field(default_factory=list, description="Part numbers never received.")
+    dcs: int | None = Field(None, description="TP-DCS of the first part.")
+    alphabet: str | None = Field(None, description="gsm7, ucs2 or 8bit.")
+    message_class: int | None = Field(None, description="Message class 0..3 when the DCS gives one.")
+    flash: bool = Field(False, description="Class 0: shown at once, not stored by a handset.")
+    pid: int | None = Field(None, description="TP-PID of the first part.")
     silent: bool = Field(False, description="PID 0x40: a type-0 SMS a handset would not show.")
     replace_type: int | None = Field(None, description="1..7 for the replace-short-message PIDs.")
-    concat_ref: int | None = None
-    concat_ref_bits: int | None = None
+    concat_ref: int | None = Field(None, description="Concatenation reference.")
+    concat_ref_bits: int | None = Field(None, description="8 or 16: the reference's size.")
     origin: Literal["cmti", "cmt", "startup", "sweep"] = Field(
         description="How it was read: indicated, routed directly, or found in storage."
     )
-    stored_before_start: bool = False
+    stored_before_start: bool = Field(False, description="Found in storage when the agent started.")
     pdus: list[str] = Field(description="Raw PDU (hex, with SMSC prefix) of every part, in order.")
-    decode_error: str | None = None
-    notes: list[str] = Field(default_factory=list)
-    signal_dbm: int | None = None
+    decode_error: str | None = Field(None, description="Why a PDU could not be decoded; its hex is in pdus.")
+    notes: list[str] = Field(
+        default_factory=list, description="Decoder remarks, e.g. an unsupported shift table."
+    )
+    signal_dbm: int | None = Field(None, description="Signal when it was read, dBm.")
     clock: ClockState = Field(description="The agent's clock estimate when it read the SMS.")
-    software_version: str
+    software_version: str = Field(description="Agent software version.")
 
 
 class CommandRequest(Payload):
     """``agents/{agent}/request/{cmd}``: ``transaction`` is echoed in the response."""
 
-    transaction: str = Field(min_length=1, max_length=128)
-    data: dict[str, Any] = Field(default_factory=dict)
+    transaction: str = Field(min_length=1, max_length=128, description="Echoed in the response.")
+    data: dict[str, Any] = Field(default_factory=dict, description="Arguments of the command.")
 
 
 class CommandResponse(Payload):
     """``agents/{agent}/response/{cmd}``: the fixed envelope."""
 
     transaction: str | None = Field(description="The request's, when it could be read.")
-    status: Literal["ok", "error"]
-    data: dict[str, Any] | None = None
-    error: str | None = None
+    status: Literal["ok", "error"] = Field(description="ok or error.")
+    data: dict[str, Any] | None = Field(None, description="The result when ok.")
+    error: str | None = Field(None, description="What went wrong when error.")
 
 
 class TimeRequestData(Payload):
     """``data`` of the ``time`` command: the controller's send time, and optionally the offset it
     computed from the previous exchange, which the agent then reports as its estimate."""
 
-    t1: AwareDatetime
-    offset_ms: float | None = None
-    error_ms: float | None = None
+    t1: AwareDatetime = Field(description="Controller clock when it sent the request.")
+    offset_ms: float | None = Field(None, description="Offset the controller measured last time, ms.")
+    error_ms: float | None = Field(None, description="Its error bound, ms.")
 
 
 class TimeResponseData(Payload):
     """``data`` of the ``time`` response: NTP's t1 echoed, t2 received, t3 sent (agent clock)."""
 
-    t1: AwareDatetime
-    t2: AwareDatetime
-    t3: AwareDatetime
+    t1: AwareDatetime = Field(description="The request's t1, echoed.")
+    t2: AwareDatetime = Field(description="Agent clock when the request arrived.")
+    t3: AwareDatetime = Field(description="Agent clock when the response left.")
 
 
 class ControllerStatus(Payload):
     """``controller/status``, retained: agents republish their state when it comes online."""
 
-    state: Literal["online", "lost", "offline"]
-    session: str
-    at: AwareDatetime | None = None
+    state: Literal["online", "lost", "offline"] = Field(description="Availability of the controller.")
+    session: str = Field(description="Id of the controller process.")
+    at: AwareDatetime | None = Field(None, description="When published; none for a will.")
 
 
 PAYLOADS: dict[str, type[Payload]] = {

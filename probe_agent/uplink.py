@@ -87,6 +87,16 @@ class Uplink:
             except aiomqtt.MqttError as exc:
                 log.info("retained publish to %s deferred to the reconnect: %s", topic, exc)
 
+    async def publish_status(self) -> None:
+        """Publish the retained ``online`` status again (its figures changed)."""
+        client = self._client
+        if client is not None and self.connected.is_set():
+            try:
+                data = self._status("online").to_json()
+                await client.publish(self.topics.status(self.agent), data, qos=1, retain=True)
+            except aiomqtt.MqttError as exc:
+                log.info("status publish deferred to the reconnect: %s", exc)
+
     async def publish(self, topic: str, payload: Payload, qos: int = 1) -> None:
         """A one-off message (a command response); dropped with a log line when offline."""
         client = self._client

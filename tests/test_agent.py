@@ -3,9 +3,11 @@ a real mosquitto started by the test on a free port with its own config. Nothing
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -64,8 +66,9 @@ def agent_toml(
 class AgentProcess:
     """``probe-agent run`` in its own process, its stderr kept for the test."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
+        self.env = env
         self.log = config.with_suffix(".log")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -74,6 +77,7 @@ class AgentProcess:
             [sys.executable, "-m", "probe_agent.cli", "run", "--config", str(self.config)],
             stdout=subprocess.DEVNULL,
             stderr=open(self.log, "ab"),  # noqa: SIM115  the child holds it
+            env={**os.environ, **(self.env or {})},
         )
         return self
 
@@ -92,11 +96,11 @@ class AgentProcess:
 
 
 @pytest.fixture
-def agents() -> Iterator[Callable[[Path], AgentProcess]]:
+def agents() -> Iterator[Callable[..., AgentProcess]]:
     started: list[AgentProcess] = []
 
-    def factory(config: Path) -> AgentProcess:
-        a = AgentProcess(config).start()
+    def factory(config: Path, env: dict[str, str] | None = None) -> AgentProcess:
+        a = AgentProcess(config, env).start()
         started.append(a)
         return a
 
@@ -377,3 +381,52 @@ def test_commands_answer_with_the_transaction(
     modem.deliver("+1555", "after the reset")
     pub.loop_stop()
     pub.disconnect()
+
+
+def test_systemd_ready_watchdog_and_stopping(
+    tmp_path: Path,
+    broker: Callable[..., Mosquitto],
+    make_modem: Callable[..., VirtualModem],
+    agents: Callable[..., AgentProcess],
+) -> None:
+    """A real notify socket, as systemd gives a Type=notify unit with WatchdogSec."""
+    b = broker()
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(10)
+    a = agents(
+        agent_toml(tmp_path / "agent.toml", b, [("modem-a", make_modem().port)]),
+        env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "600000"},
+    )
+    seen = [sock.recv(256) for _ in range(4)]
+    assert seen.count(b"READY=1") == 1 and seen.count(b"WATCHDOG=1") >= 2
+    assert a.terminate() == 0
+    rest = []
+    with contextlib.suppress(TimeoutError):
+        sock.settimeout(1)
+        while True:
+            rest.append(sock.recv(256))
+    assert b"STOPPING=1" in rest
+    sock.close()
+
+
+def test_modems_command_prints_one_line_per_modem(
+    tmp_path: Path, broker: Callable[..., Mosquitto], make_modem: Callable[..., VirtualModem]
+) -> None:
+    b = broker()
+    modem = make_modem("e3372")
+    config = agent_toml(
+        tmp_path / "agent.toml", b, [("good", modem.port), ("gone", str(tmp_path / "ttyNOPE"))]
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "probe_agent.cli", "modems", "--config", str(config), "--timeout", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    good, gone = proc.stdout.splitlines()
+    assert good.startswith(f"good {modem.port}: huawei E3372, IMSI 234150000000001")
+    assert "Vodafone UK 23415" in good and "signal -73 dBm" in good and "storage ME 0/100" in good
+    assert gone.startswith("gone ") and "not available" in gone and "ttyNOPE" in gone
+    assert proc.returncode == 1

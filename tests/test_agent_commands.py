@@ -35,7 +35,8 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
 def write_config(path: Path, broker: Mosquitto, modems: list[tuple[str, str]]) -> Path:
     blocks = "".join(f'\n[[modems]]\nid = "{m}"\nport = "{p}"\npoll_interval_s = 0.5\n' for m, p in modems)
     path.write_text(
-        f'agent_id = "pi-uk-1"\nheartbeat_interval_s = 1\n[broker]\nhost = "127.0.0.1"\nport = {broker.port}\n'
+        f'agent_id = "pi-uk-1"\nheartbeat_interval_s = 1\n'
+        f'[broker]\nhost = "127.0.0.1"\nport = {broker.port}\n'
         f'[spool]\npath = "{path.with_suffix(".db")}"\n[clock]\nchronyc = ""\n{blocks}'
     )
     return path

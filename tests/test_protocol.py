@@ -140,3 +140,14 @@ def test_times_are_rfc3339_utc_and_text_is_utf8() -> None:
     assert data["urc_at"] == "2026-11-26T10:00:00.123456Z"
     assert data["scts"] == "2026-11-26T11:00:00+01:00"  # the SMSC's own zone, kept
     assert data["text"] == "Grüße 😀"
+
+
+def test_every_payload_field_is_documented() -> None:
+    """The contract is documented by its models: a description on every field."""
+    from probe_agent.protocol import SimIdentity, TimeRequestData, TimeResponseData
+
+    models = [*PAYLOADS.values(), ClockState, SimIdentity, TimeRequestData, TimeResponseData]
+    undocumented = [
+        f"{m.__name__}.{n}" for m in models for n, f in m.model_fields.items() if not f.description
+    ]
+    assert undocumented == []
