@@ -38,6 +38,8 @@ def notify(state: str) -> bool:
         return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            # Never block the agent's event loop on a reader that is not reading: drop instead.
+            sock.setblocking(False)
             sock.sendto(state.encode(), address)
     except OSError as exc:
         log.warning("cannot notify systemd on %s (%s): %s", value, state.split("\n", 1)[0], exc)

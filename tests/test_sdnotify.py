@@ -108,3 +108,16 @@ def test_watchdog_interval(
     elif pid is not None:
         monkeypatch.setenv("WATCHDOG_PID", pid)
     assert sdnotify.watchdog_interval_s() == expected
+
+
+def test_a_reader_that_does_not_read_never_blocks_the_sender(
+    path_socket: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Watchdog pings into a full socket buffer are dropped, not waited on (the agent's event
+    loop sends them)."""
+    import time
+
+    start = time.monotonic()
+    results = [sdnotify.watchdog() for _ in range(2000)]
+    assert time.monotonic() - start < 10
+    assert results[0] is True and results[-1] is False
