@@ -10,6 +10,7 @@ A broken modem is reported and retried by its port while the others keep working
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -93,23 +94,11 @@ class ModemRunner:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _consume(self) -> None:
-        async for sms in self.port.received():
+        async for sms in self.port.received(auto_ack=False):
             state = await self.port.state()
             observation = self.agent.observation(self.config, sms, state)
-            stored = await asyncio.to_thread(
-                self.agent.spool.put,
-                observation.id,
-                self.agent.topics.sms(self.agent.config.agent_id),
-                observation.to_json(),
-            )
-            self.log.info(
-                "SMS from %s spooled%s",
-                sms.sender,
-                "" if stored else " (already spooled or sent: a re-read)",
-                extra={"observation": observation.id},
-            )
-            self.port.ack(sms)  # durable in the spool: the SIM copy can go
-            self.agent.uplink.wake()
+            # The SIM copy goes once the spool writer has the observation on disk.
+            await self.agent.writer.submit(observation, functools.partial(self.port.ack, sms))
 
     async def _watch_state(self) -> None:
         while True:
@@ -163,6 +152,37 @@ class ModemRunner:
         return payload
 
 
+class SpoolWriter:
+    """Writes observations from every modem to the spool in batches: one transaction (one fsync)
+    for whatever arrived meanwhile, then each SMS is acknowledged to its port."""
+
+    def __init__(self, agent: Agent, batch_max: int = 200) -> None:
+        self.agent = agent
+        self.batch_max = batch_max
+        self._queue: asyncio.Queue[tuple[Observation, Callable[[], None]]] = asyncio.Queue()
+
+    async def submit(self, observation: Observation, on_durable: Callable[[], None]) -> None:
+        await self._queue.put((observation, on_durable))
+
+    async def run(self) -> None:
+        topic = self.agent.topics.sms(self.agent.config.agent_id)
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.batch_max and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            entries = [(obs.id, topic, obs.to_json()) for obs, _ in batch]
+            stored = await asyncio.to_thread(self.agent.spool.put_many, entries)
+            for (obs, on_durable), new in zip(batch, stored, strict=True):
+                log.info(
+                    "SMS from %s spooled%s",
+                    obs.sender,
+                    "" if new else " (already spooled or sent: a re-read)",
+                    extra={"agent": obs.agent, "modem": obs.modem, "observation": obs.id},
+                )
+                on_durable()
+            self.agent.uplink.wake()
+
+
 class Agent:
     """The whole agent process; ``run()`` until the stop event is set."""
 
@@ -184,6 +204,7 @@ class Agent:
         self._started_monotonic = time.monotonic()
         self.spool = Spool(config.spool.path, config.spool.max_entries)
         self.modems: dict[str, ModemRunner] = {}
+        self.writer = SpoolWriter(self)
         self.commands = Commands(self)
         self.uplink = Uplink(
             config.broker,
@@ -312,9 +333,10 @@ class Agent:
             "agent %s starting (version %s, session %s)", self.config.agent_id, __version__, self.session
         )
         uplink = asyncio.create_task(self.uplink.run(), name="uplink")
+        writer = asyncio.create_task(self.writer.run(), name="spool writer")
         for modem in self.config.modems:
             await self.add_modem(modem)
-        tasks = [asyncio.create_task(self._heartbeat(), name="heartbeat")]
+        tasks = [asyncio.create_task(self._heartbeat(), name="heartbeat"), writer]
         watchdog_s = sdnotify.watchdog_interval_s()
         if watchdog_s:
             tasks.append(asyncio.create_task(self._watchdog(watchdog_s), name="watchdog"))

@@ -223,12 +223,14 @@ class ModemPort:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def received(self) -> AsyncIterator[ReceivedSms]:
+    async def received(self, auto_ack: bool = True) -> AsyncIterator[ReceivedSms]:
         """Complete received messages, in the order they completed, until the port stops.
 
         A message leaves the SIM only once the consumer has taken it: when it asks for the next
-        one, or calls ``ack()``. A consumer killed in between finds it again after a restart
-        (at least once; the agent's observation id is stable, so duplicates can be removed).
+        one (``auto_ack``), or calls ``ack()``. A consumer killed in between finds it again after
+        a restart (at least once; the agent's observation id is stable, so duplicates can be
+        removed). Without ``auto_ack`` the consumer acks each message itself, for example once
+        a batch of them is on disk.
         """
         assert self._out is not None, "start() the port first"
         while True:
@@ -237,7 +239,8 @@ class ModemPort:
                 return
             self._unacked[id(sms)] = sms
             yield sms
-            self.ack(sms)
+            if auto_ack:
+                self.ack(sms)
 
     def ack(self, sms: ReceivedSms) -> None:
         """The consumer has made ``sms`` durable: delete its parts from storage (once)."""

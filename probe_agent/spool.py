@@ -171,31 +171,41 @@ class Spool:
         within the sent-id memory. Past ``max_entries``, the oldest entries are dropped,
         counted and logged as a warning.
         """
-        if not obs_id:
+        return self.put_many([(obs_id, topic, payload)])[0]
+
+    def put_many(self, entries: list[tuple[str, str, bytes]]) -> list[bool]:
+        """``put`` for several observations in one transaction (one fsync); a flag for each."""
+        if any(not obs_id for obs_id, _, _ in entries):
             raise ValueError("obs_id must not be empty")
 
-        def op(conn: sqlite3.Connection) -> tuple[bool, list[str], int]:
+        def op(conn: sqlite3.Connection) -> tuple[list[bool], list[str], int]:
             now = self._clock()
+            stored: list[bool] = []
             with _transaction(conn):
-                seen = conn.execute(
-                    "SELECT 1 FROM sent WHERE obs_id = ? AND acked_us >= ?",
-                    (obs_id, _to_us(now - self._sent_age)),
-                ).fetchone()
-                if seen is not None:
-                    return False, [], 0
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO outbox (obs_id, topic, payload, created_us) VALUES (?, ?, ?, ?)",
-                    (obs_id, topic, bytes(payload), _to_us(now)),
-                )
-                if cur.rowcount == 0:
-                    return False, [], 0
-                dropped_ids, total = self._enforce_limit(conn)
-            return True, dropped_ids, total
+                for obs_id, topic, payload in entries:
+                    seen = conn.execute(
+                        "SELECT 1 FROM sent WHERE obs_id = ? AND acked_us >= ?",
+                        (obs_id, _to_us(now - self._sent_age)),
+                    ).fetchone()
+                    if seen is not None:
+                        stored.append(False)
+                        continue
+                    cur = conn.execute(
+                        "INSERT OR IGNORE INTO outbox (obs_id, topic, payload, created_us)"
+                        " VALUES (?, ?, ?, ?)",
+                        (obs_id, topic, bytes(payload), _to_us(now)),
+                    )
+                    stored.append(cur.rowcount > 0)
+                dropped_ids, total = self._enforce_limit(conn) if any(stored) else ([], 0)
+            return stored, dropped_ids, total
 
+        if not entries:
+            return []
         with self._lock:
             stored, dropped_ids, total = self._call(op)
-        if not stored:
-            log.debug("spool refused duplicate observation %s", obs_id)
+        for (obs_id, _, _), ok in zip(entries, stored, strict=True):
+            if not ok:
+                log.debug("spool refused duplicate observation %s", obs_id)
         self._log_dropped(dropped_ids, total)
         return stored
 
@@ -223,29 +233,40 @@ class Spool:
 
         An unknown ``seq`` (acked twice, or dropped while in flight) is ignored.
         """
+        self.ack_many([seq])
 
-        def op(conn: sqlite3.Connection) -> str | None:
+    def ack_many(self, seqs: list[int]) -> None:
+        """``ack`` for several entries in one transaction (one fsync)."""
+
+        def op(conn: sqlite3.Connection) -> list[int]:
             now_us = _to_us(self._clock())
+            unknown: list[int] = []
             with _transaction(conn):
-                row = conn.execute("SELECT obs_id FROM outbox WHERE seq = ?", (seq,)).fetchone()
-                if row is None:
-                    return None
-                obs_id = str(row[0])
-                conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
-                cur = conn.execute(
-                    "INSERT OR REPLACE INTO sent (obs_id, acked_us) VALUES (?, ?)", (obs_id, now_us)
-                )
-                # n only grows, so "the last N acks" is a range on the primary key: no scan.
-                conn.execute("DELETE FROM sent WHERE n <= ?", (int(cur.lastrowid or 0) - self._sent_max,))
-                conn.execute(
-                    "DELETE FROM sent WHERE acked_us < ?",
-                    (now_us - self._sent_age // timedelta(microseconds=1),),
-                )
-            return obs_id
+                last = 0
+                for seq in seqs:
+                    row = conn.execute("SELECT obs_id FROM outbox WHERE seq = ?", (seq,)).fetchone()
+                    if row is None:
+                        unknown.append(seq)
+                        continue
+                    conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+                    cur = conn.execute(
+                        "INSERT OR REPLACE INTO sent (obs_id, acked_us) VALUES (?, ?)", (str(row[0]), now_us)
+                    )
+                    last = int(cur.lastrowid or 0)
+                if last:
+                    # n only grows, so "the last N acks" is a range on the primary key: no scan.
+                    conn.execute("DELETE FROM sent WHERE n <= ?", (last - self._sent_max,))
+                    conn.execute(
+                        "DELETE FROM sent WHERE acked_us < ?",
+                        (now_us - self._sent_age // timedelta(microseconds=1),),
+                    )
+            return unknown
 
+        if not seqs:
+            return
         with self._lock:
-            obs_id = self._call(op)
-        if obs_id is None:
+            unknown = self._call(op)
+        for seq in unknown:
             log.debug("spool ack for unknown seq %d ignored", seq)
 
     def depth(self) -> int:

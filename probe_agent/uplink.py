@@ -142,7 +142,7 @@ class Uplink:
         if v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = 0  # the agent's state is in its spool, not the broker
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             b.host,
             b.port,
             username=b.username,
@@ -155,7 +155,11 @@ class Uplink:
             tls_context=tls,
             properties=properties,
             timeout=10,
+            max_inflight_messages=PUBLISH_WINDOW,
         )
+        # The drain keeps a window of publishes pending by design: no warning for that.
+        client.pending_calls_threshold = PUBLISH_WINDOW + 16
+        return client
 
     async def run(self) -> None:
         """Connect, serve, reconnect with backoff and jitter, until ``stop()``."""
@@ -249,6 +253,9 @@ class Uplink:
         last_seq = 0
         failed = asyncio.Event()
 
+        acked: list[int] = []
+        ack_due = asyncio.Event()
+
         async def send(seq: int, topic: str, payload: bytes) -> None:
             try:
                 await client.publish(topic, payload, qos=1, timeout=PUBLISH_TIMEOUT_S)
@@ -258,7 +265,19 @@ class Uplink:
                 return
             finally:
                 window.release()
-            self.spool.ack(seq)
+            acked.append(seq)
+            ack_due.set()
+
+        async def flush_acks() -> None:
+            """Out of the spool in batches, off the event loop: one fsync for many PUBACKs."""
+            while True:
+                await ack_due.wait()
+                ack_due.clear()
+                batch = acked[:]
+                del acked[:]
+                await asyncio.to_thread(self.spool.ack_many, batch)
+
+        flusher = asyncio.create_task(flush_acks(), name="spool acks")
 
         try:
             while True:
@@ -283,6 +302,10 @@ class Uplink:
         finally:
             if in_flight:
                 await asyncio.gather(*in_flight, return_exceptions=True)
+            flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
+            if acked:
+                await asyncio.to_thread(self.spool.ack_many, acked[:])
 
 
 def _code(rc: object) -> int | None:
