@@ -52,6 +52,14 @@ STATE_CHECK_S = 1.0
 PortFactory = Callable[[ModemConfig], ModemPort]
 
 
+def _fit(value: str | None, limit: int) -> str | None:
+    """A modem-reported identity within the contract's bound; an absurd one is dropped, logged."""
+    if value is not None and len(value) > limit:
+        log.warning("modem reported %r, longer than %d characters: not reported", value, limit)
+        return None
+    return value
+
+
 def observation_id(agent: str, modem: str, pdus: tuple[str, ...]) -> str:
     """Stable id: the same SMS read again (after a crash, from storage) gets the same id."""
     digest = hashlib.sha256("|".join((agent, modem, *pdus)).encode()).hexdigest()
@@ -112,13 +120,13 @@ class ModemRunner:
             port=self.config.port,
             profile=self.config.profile,
             connected=state.connected,
-            registration=state.registration,
+            registration=_fit(state.registration, 32),
             operator=state.operator,
-            mcc_mnc=state.mcc_mnc,
+            mcc_mnc=_fit(state.mcc_mnc, 6),
             expected_mcc_mnc=self.config.expected_mcc_mnc,
-            imsi=state.imsi,
-            iccid=state.iccid,
-            msisdn=self.config.msisdn or state.msisdn,
+            imsi=_fit(state.imsi, 16),
+            iccid=_fit(state.iccid, 22),
+            msisdn=self.config.msisdn or _fit(state.msisdn, 16),
             signal_rssi=state.signal_rssi,
             signal_dbm=state.signal_dbm,
             storage_memory=state.storage_memory,
@@ -238,7 +246,10 @@ class Agent:
             agent=self.config.agent_id,
             modem=modem.id,
             sim=SimIdentity(
-                imsi=state.imsi, iccid=state.iccid, msisdn=modem.msisdn or state.msisdn, mcc_mnc=state.mcc_mnc
+                imsi=_fit(state.imsi, 16),
+                iccid=_fit(state.iccid, 22),
+                msisdn=modem.msisdn or _fit(state.msisdn, 16),
+                mcc_mnc=_fit(state.mcc_mnc, 6),
             ),
             sender=sms.sender,
             sender_type=sms.sender_type,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -24,6 +24,8 @@ from pydantic_core import ErrorDetails
 
 from hardware.modem_profiles import PROFILES, get_profile
 from probe_agent.protocol import DEFAULT_PREFIX, ID_PATTERN
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class Strict(BaseModel):
@@ -193,6 +195,11 @@ class ConfigError(Exception):
 
 def load(path: str | Path) -> AgentConfig:
     """Read and validate ``agent.toml``; ConfigError names every problem by its field."""
+    return load_model(path, AgentConfig)
+
+
+def load_model(path: str | Path, model: type[M]) -> M:
+    """Read a TOML file into ``model``; ConfigError names every problem by its dotted field."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -201,7 +208,7 @@ def load(path: str | Path) -> AgentConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
     try:
-        return AgentConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(path, [_describe(e) for e in exc.errors()]) from None
 

@@ -55,8 +55,8 @@ class AgentStatus(Payload):
 
     state: Literal["online", "offline", "lost"] = Field(description="Availability of the agent.")
     agent: Id = Field(description="Agent id.")
-    session: str = Field(description="Id of this agent process; changes on every start.")
-    version: str = Field(description="Agent software version.")
+    session: str = Field(max_length=64, description="Id of this agent process; changes on every start.")
+    version: str = Field(max_length=64, description="Agent software version.")
     started_at: AwareDatetime = Field(description="When this process started (UTC).")
     at: AwareDatetime | None = Field(None, description="When this status was published; none for a will.")
     uptime_s: float | None = Field(None, description="Seconds since start when published.")
@@ -71,13 +71,15 @@ class ModemState(Payload):
     port: str = Field(description="Serial port path (the stable udev name).")
     profile: str | None = Field(None, description="Modem model profile.")
     connected: bool = Field(description="Port open and modem initialised.")
-    registration: str | None = Field(None, description="registered_home, registered_roaming, searching, ...")
+    registration: str | None = Field(
+        None, max_length=32, description="registered_home, registered_roaming, searching, ..."
+    )
     operator: str | None = Field(None, description="Network name the modem is registered on.")
-    mcc_mnc: str | None = Field(None, description="MCC+MNC of that network.")
+    mcc_mnc: str | None = Field(None, max_length=6, description="MCC+MNC of that network.")
     expected_mcc_mnc: str | None = Field(None, description="From the agent's config.")
-    imsi: str | None = Field(None, description="IMSI of the SIM.")
-    iccid: str | None = Field(None, description="ICCID of the SIM.")
-    msisdn: str | None = Field(None, description="As configured, else as the SIM reports it.")
+    imsi: str | None = Field(None, max_length=16, description="IMSI of the SIM.")
+    iccid: str | None = Field(None, max_length=22, description="ICCID of the SIM.")
+    msisdn: str | None = Field(None, max_length=16, description="As configured, else as the SIM reports it.")
     signal_rssi: int | None = Field(None, description="27.007 RSSI 0..31.")
     signal_dbm: int | None = Field(None, description="Signal strength, dBm.")
     storage_memory: str | None = Field(None, description="Storage new SMS land in (SM, ME, ...).")
@@ -110,26 +112,30 @@ class Health(Payload):
 class SimIdentity(Payload):
     """The SIM an observation came in on."""
 
-    imsi: str | None = Field(None, description="IMSI.")
-    iccid: str | None = Field(None, description="ICCID.")
-    msisdn: str | None = Field(None, description="The SIM's number, E.164.")
-    mcc_mnc: str | None = Field(None, description="Network it was registered on.")
+    imsi: str | None = Field(None, max_length=16, description="IMSI.")
+    iccid: str | None = Field(None, max_length=22, description="ICCID.")
+    msisdn: str | None = Field(None, max_length=16, description="The SIM's number, E.164.")
+    mcc_mnc: str | None = Field(None, max_length=6, description="Network it was registered on.")
 
 
 class Observation(Payload):
     """``agents/{agent}/sms``, QoS 1 from the durable spool: one received SMS, parts joined."""
 
-    id: str = Field(description="Stable id (same SMS read twice, same id): remove duplicates by it.")
+    id: str = Field(
+        min_length=1,
+        max_length=64,
+        description="Stable id (same SMS read twice, same id): remove duplicates by it.",
+    )
     agent: Id = Field(description="Agent id.")
     modem: Id = Field(description="Modem id.")
     sim: SimIdentity = Field(description="The SIM it arrived on.")
     sender: str | None = Field(
-        description="As received: +digits when international, or the alphanumeric name."
+        max_length=32, description="As received: +digits when international, or the alphanumeric name."
     )
     sender_type: str | None = Field(description="Type of number: international, national, alphanumeric, ...")
     sender_toa: int | None = Field(None, description="Type-of-address octet as received.")
     text: str | None = Field(description="Decoded text of all parts; none when undecodable.")
-    smsc: str | None = Field(description="SMSC address from the PDU.")
+    smsc: str | None = Field(max_length=24, description="SMSC address from the PDU.")
     scts: AwareDatetime | None = Field(
         description="SMSC timestamp, in the zone the SMSC gave (1 s resolution)."
     )

@@ -11,6 +11,9 @@ import pytest
 
 from hardware.virtual_modem import VirtualModem
 
+#: Database fixtures (SQLite file and a fresh PostgreSQL database) for every test module.
+pytest_plugins = ("tests.db",)
+
 
 @pytest.fixture
 def make_modem(tmp_path: Path) -> Iterator[Callable[..., VirtualModem]]:

@@ -1,0 +1,311 @@
+"""Ingest: every message from the agents validated against the wire contract and written in
+batches; an invalid one goes to the dead-letter table with its error and topic (counted per
+agent), never a crash; a duplicate observation (same id, at-least-once delivery) is dropped.
+
+Agent availability follows the retained status and the last will, by session: a ``lost`` will
+of an old session never overrides a newer ``online``. Probe state follows the modems' retained
+state; a SIM seen in another modem, or a modem holding another SIM, is recorded as an event.
+Each message is acknowledged to the broker only after its transaction committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import and_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from controller.storage import schema as s
+from probe_agent.protocol import (
+    AgentStatus,
+    CommandResponse,
+    Health,
+    InvalidPayload,
+    ModemState,
+    Observation,
+    Payload,
+    Topics,
+    decode,
+)
+
+log = logging.getLogger(__name__)
+
+Ack = Callable[[], None]
+
+
+@dataclass
+class IngestStats:
+    """Counters since start, for health and tests."""
+
+    stored: int = 0
+    duplicates: int = 0
+    invalid: Counter[str] = field(default_factory=Counter)
+    batches: int = 0
+
+
+@dataclass
+class _Pending:
+    observations: dict[str, tuple[Observation, datetime]] = field(default_factory=dict)
+    duplicates_in_batch: int = 0
+    others: list[tuple[str, Any, datetime]] = field(default_factory=list)
+    acks: list[Ack] = field(default_factory=list)
+
+
+class Ingest:
+    """Validates, batches and writes what the agents publish."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        topics: Topics,
+        *,
+        batch_max: int = 500,
+        flush_interval_s: float = 0.05,
+        on_response: Callable[[str, str, CommandResponse, datetime], None] | None = None,
+        on_failure: Callable[[], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.topics = topics
+        self.batch_max = batch_max
+        self.flush_interval_s = flush_interval_s
+        self.on_response = on_response
+        #: Called when a timed flush fails: its messages are unacknowledged, the broker must resend.
+        self.on_failure = on_failure
+        self.stats = IngestStats()
+        self._pending = _Pending()
+        self._lock = asyncio.Lock()
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
+        self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+
+    async def handle(self, topic: str, payload: bytes, received_at: datetime, ack: Ack) -> None:
+        """Take one MQTT message; ``ack`` is called once it is durably handled."""
+        try:
+            parsed, message = decode(self.topics, topic, payload)
+        except InvalidPayload as exc:
+            where = self.topics.parse(topic)
+            agent = where.agent if where else None
+            self.stats.invalid[agent or "?"] += 1
+            log.warning("invalid payload on %s: %s", topic, exc.reason, extra={"agent": agent})
+            self._pending.others.append(("dead", (agent, topic, exc.reason, payload), received_at))
+        else:
+            if isinstance(message, CommandResponse):
+                if self.on_response is not None and parsed.agent and parsed.command:
+                    self.on_response(parsed.agent, parsed.command, message, received_at)
+                ack()
+                return
+            if isinstance(message, Observation):
+                if message.id in self._pending.observations:
+                    self._pending.duplicates_in_batch += 1
+                else:
+                    self._pending.observations[message.id] = (message, received_at)
+            else:
+                self._pending.others.append((parsed.kind, message, received_at))
+        self._pending.acks.append(ack)
+        if len(self._pending.observations) + len(self._pending.others) >= self.batch_max:
+            await self.flush()
+        elif self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.flush_interval_s, self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._timer = None
+        task = asyncio.get_running_loop().create_task(self._timed_flush())
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _timed_flush(self) -> None:
+        try:
+            await self.flush()
+        except Exception:
+            log.exception("writing a batch failed; its messages stay unacknowledged")
+            if self.on_failure is not None:
+                self.on_failure()
+
+    async def flush(self) -> None:
+        """Write what is pending in one transaction, then acknowledge it."""
+        async with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            pending, self._pending = self._pending, _Pending()
+            if not pending.acks:
+                return
+            async with self.engine.begin() as conn:
+                stored = await self._write_observations(conn, pending)
+                for kind, message, received_at in pending.others:
+                    await self._apply(conn, kind, message, received_at)
+            self.stats.stored += stored
+            self.stats.duplicates += len(pending.observations) - stored + pending.duplicates_in_batch
+            self.stats.batches += 1
+            for ack in pending.acks:
+                ack()
+
+    async def close(self) -> None:
+        """Write what is pending (on a clean stop)."""
+        await self.flush()
+        if self._flushing:
+            await asyncio.gather(*self._flushing, return_exceptions=True)
+
+    async def _write_observations(self, conn: AsyncConnection, pending: _Pending) -> int:
+        if not pending.observations:
+            return 0
+        rows = [
+            {
+                "id": obs.id,
+                "agent_id": obs.agent,
+                "modem_id": obs.modem,
+                "imsi": obs.sim.imsi,
+                "sender": obs.sender,
+                "text": obs.text,
+                "smsc": obs.smsc,
+                "urc_at": obs.urc_at,
+                "ingested_at": received_at,
+                "payload": obs.model_dump(mode="json"),
+            }
+            for obs, received_at in pending.observations.values()
+        ]
+        result = await conn.execute(self._insert(s.observations).on_conflict_do_nothing(), rows)
+        stored = result.rowcount if result.rowcount is not None and result.rowcount >= 0 else len(rows)
+        return int(stored)
+
+    async def _apply(self, conn: AsyncConnection, kind: str, message: Any, received_at: datetime) -> None:
+        if kind == "dead":
+            agent, topic, error, payload = message
+            await conn.execute(
+                s.dead_letters.insert().values(
+                    received_at=received_at, agent_id=agent, topic=topic, error=error, payload=payload
+                )
+            )
+            if agent:
+                await self._ensure_agent(conn, agent, received_at)
+                await conn.execute(
+                    update(s.agents)
+                    .where(s.agents.c.id == agent)
+                    .values(invalid_payloads=s.agents.c.invalid_payloads + 1)
+                )
+        elif kind == "status":
+            await self._apply_status(conn, message, received_at)
+        elif kind == "modem_state":
+            await self._apply_modem_state(conn, message, received_at)
+        elif kind == "health":
+            await self._apply_health(conn, message, received_at)
+
+    async def _ensure_agent(self, conn: AsyncConnection, agent: str, at: datetime) -> None:
+        await conn.execute(
+            self._insert(s.agents)
+            .values(id=agent, state="unknown", status_at=at, last_seen_at=at, dropped=0, invalid_payloads=0)
+            .on_conflict_do_nothing()
+        )
+
+    async def _apply_status(self, conn: AsyncConnection, status: AgentStatus, at: datetime) -> None:
+        await self._ensure_agent(conn, status.agent, at)
+        row = (await conn.execute(select(s.agents).where(s.agents.c.id == status.agent))).one()
+        if status.state != "online" and row.session not in (None, status.session) and row.state == "online":
+            started = row.started_at
+            if started is not None and started.tzinfo is None:
+                started = started.replace(tzinfo=UTC)
+            if started is None or started >= status.started_at:
+                # The will (or a late offline) of an older process: the live one stays online.
+                log.info(
+                    "ignoring %s of old session %s for %s",
+                    status.state,
+                    status.session,
+                    status.agent,
+                    extra={"agent": status.agent},
+                )
+                return
+        await conn.execute(
+            update(s.agents)
+            .where(s.agents.c.id == status.agent)
+            .values(
+                state=status.state,
+                session=status.session,
+                version=status.version,
+                started_at=status.started_at,
+                status_at=at,
+                last_seen_at=at,
+                dropped=status.dropped,
+            )
+        )
+
+    async def _apply_health(self, conn: AsyncConnection, health: Health, at: datetime) -> None:
+        await self._ensure_agent(conn, health.agent, at)
+        await conn.execute(
+            update(s.agents)
+            .where(s.agents.c.id == health.agent)
+            .values(health=health.model_dump(mode="json"), last_seen_at=at, dropped=health.dropped)
+        )
+
+    async def _apply_modem_state(self, conn: AsyncConnection, state: ModemState, at: datetime) -> None:
+        await self._ensure_agent(conn, state.agent, at)
+        document = state.model_dump(mode="json")
+        if not state.imsi:  # modem down or SIM unreadable: whatever SIM was there is not reachable now
+            await conn.execute(
+                update(s.probes)
+                .where(and_(s.probes.c.agent_id == state.agent, s.probes.c.modem_id == state.modem))
+                .values(connected=False, state=document, updated_at=at)
+            )
+            return
+        # The modem held another SIM before: that SIM left it.
+        others = (
+            await conn.execute(
+                select(s.probes.c.imsi).where(
+                    and_(
+                        s.probes.c.agent_id == state.agent,
+                        s.probes.c.modem_id == state.modem,
+                        s.probes.c.imsi != state.imsi,
+                    )
+                )
+            )
+        ).all()
+        for (old_imsi,) in others:
+            await self._event(conn, at, "sim_changed", state, {"old_imsi": old_imsi, "new_imsi": state.imsi})
+            await conn.execute(
+                update(s.probes)
+                .where(s.probes.c.imsi == old_imsi)
+                .values(agent_id=None, modem_id=None, connected=False)
+            )
+        row = (await conn.execute(select(s.probes).where(s.probes.c.imsi == state.imsi))).one_or_none()
+        values: dict[str, Any] = {
+            "iccid": state.iccid,
+            "msisdn": state.msisdn,
+            "mcc_mnc": state.mcc_mnc,
+            "agent_id": state.agent,
+            "modem_id": state.modem,
+            "connected": state.connected,
+            "registration": state.registration,
+            "signal_dbm": state.signal_dbm,
+            "state": document,
+            "updated_at": at,
+        }
+        if row is None:
+            await conn.execute(s.probes.insert().values(imsi=state.imsi, **values))
+            return
+        if row.agent_id is not None and (row.agent_id, row.modem_id) != (state.agent, state.modem):
+            await self._event(
+                conn, at, "sim_moved", state, {"from_agent": row.agent_id, "from_modem": row.modem_id}
+            )
+        await conn.execute(update(s.probes).where(s.probes.c.imsi == state.imsi).values(**values))
+
+    async def _event(
+        self, conn: AsyncConnection, at: datetime, kind: str, state: ModemState, detail: dict[str, Any]
+    ) -> None:
+        log.warning(
+            "probe %s: %s %s", state.imsi, kind, detail, extra={"agent": state.agent, "modem": state.modem}
+        )
+        await conn.execute(
+            s.probe_events.insert().values(
+                at=at, kind=kind, imsi=state.imsi, agent_id=state.agent, modem_id=state.modem, detail=detail
+            )
+        )
+
+
+__all__ = ["Ingest", "IngestStats", "Payload"]

@@ -1,0 +1,1 @@
+"""Storage: the schema (SQLAlchemy Core), the engine for SQLite or PostgreSQL, migrations."""

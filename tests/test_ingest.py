@@ -1,0 +1,299 @@
+"""Controller ingest against a real mosquitto and both databases (SQLite file, PostgreSQL):
+validation with dead letters, duplicates removed, agent and probe status, and a controller
+killed and restarted while agents publish, losing nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from controller.config import load
+from controller.service import serve
+from controller.storage import schema as s
+from controller.storage.db import make_engine
+from probe_agent.protocol import AgentStatus, ClockState, ModemState, Observation, SimIdentity, Topics
+from tests.mosquitto import Mosquitto, connected_client, require_mosquitto
+
+T = Topics()
+NOW = datetime.now(UTC)
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    require_mosquitto()
+    (tmp_path / "broker").mkdir()
+    broker = Mosquitto(tmp_path / "broker").start()
+    yield broker
+    broker.stop()
+
+
+def controller_toml(path: Path, broker: Mosquitto, url: str) -> Path:
+    path.write_text(
+        f'database_url = "{url}"\n[broker]\nhost = "127.0.0.1"\nport = {broker.port}\n'
+        f'client_id = "controller-test"\nreconnect_initial_s = 0.2\nreconnect_max_s = 1.0\n'
+    )
+    return path
+
+
+def observation(i: int, agent: str = "pi-uk-1") -> Observation:
+    return Observation(
+        id=f"obs-{agent}-{i:05d}",
+        agent=agent,
+        modem="modem-a",
+        sim=SimIdentity(imsi="234150000000001", mcc_mnc="23415"),
+        sender="MyBank",
+        sender_type="alphanumeric",
+        text=f"Your code is {i:06d}",
+        smsc="+447785016005",
+        scts=NOW,
+        urc_at=NOW + timedelta(milliseconds=i),
+        completed_at=NOW + timedelta(milliseconds=i),
+        parts=1,
+        total_parts=1,
+        partial=False,
+        origin="cmti",
+        pdus=["00"],
+        clock=ClockState(),
+        software_version="0.1.0",
+    )
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    eng = make_engine(database_url)
+    yield eng
+    await eng.dispose()
+
+
+@pytest.fixture
+async def controller(
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    database_url: str,
+) -> AsyncIterator[Callable[[], asyncio.Event]]:
+    stops: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+    config = load(controller_toml(tmp_path / "controller.toml", mosquitto, database_url))
+
+    def start() -> asyncio.Event:
+        stop = asyncio.Event()
+        stops.append((stop, asyncio.create_task(serve(config, stop))))
+        return stop
+
+    yield start
+    for stop, task in stops:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def count(engine: AsyncEngine, table: Any) -> int:
+    async with engine.connect() as conn:
+        return int((await conn.execute(select(func.count()).select_from(table))).scalar_one())
+
+
+async def wait_for(check: Callable[[], Any], timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.05)
+
+
+async def test_valid_stored_once_invalid_dead_lettered(
+    mosquitto: Mosquitto, controller: Callable[[], asyncio.Event], engine: AsyncEngine
+) -> None:
+    controller()
+    await asyncio.sleep(0.5)
+    pub = connected_client(mosquitto)
+    for i in range(50):
+        pub.publish(T.sms("pi-uk-1"), observation(i).to_json(), qos=1)
+    for i in range(10):  # at-least-once: the same observations again
+        pub.publish(T.sms("pi-uk-1"), observation(i).to_json(), qos=1)
+    pub.publish(T.sms("pi-uk-1"), b"{not json", qos=1)
+    pub.publish(T.sms("pi-uk-1"), b'{"id": "x"}', qos=1)
+    pub.publish(T.health("pi-uk-2"), b'{"agent": "pi-uk-2", "at": "yesterday"}', qos=1)
+
+    async def done() -> bool:
+        return await count(engine, s.observations) == 50 and await count(engine, s.dead_letters) == 3
+
+    await wait_for(done)
+    await asyncio.sleep(0.3)
+    assert await count(engine, s.observations) == 50
+    async with engine.connect() as conn:
+        dead = (await conn.execute(select(s.dead_letters).order_by(s.dead_letters.c.id))).all()
+        invalid = dict((await conn.execute(select(s.agents.c.id, s.agents.c.invalid_payloads))).all())
+        stored = (
+            await conn.execute(select(s.observations).where(s.observations.c.id == "obs-pi-uk-1-00007"))
+        ).one()
+    assert [d.topic for d in dead] == [T.sms("pi-uk-1"), T.sms("pi-uk-1"), T.health("pi-uk-2")]
+    assert "Invalid JSON" in dead[0].error and "agent" in dead[1].error and "at" in dead[2].error
+    assert dead[0].payload == b"{not json"
+    assert invalid == {"pi-uk-1": 2, "pi-uk-2": 1}
+    assert stored.text == "Your code is 000007" and stored.payload["clock"]["source"] == "none"
+    assert stored.urc_at.astimezone(UTC) == NOW + timedelta(milliseconds=7)
+    pub.loop_stop()
+
+
+async def test_agent_status_follows_sessions_and_ignores_a_late_will(
+    mosquitto: Mosquitto, controller: Callable[[], asyncio.Event], engine: AsyncEngine
+) -> None:
+    controller()
+    await asyncio.sleep(0.5)
+    pub = connected_client(mosquitto)
+    old = AgentStatus(state="online", agent="pi-1", session="old", version="1", started_at=NOW, at=NOW)
+    new = AgentStatus(
+        state="online",
+        agent="pi-1",
+        session="new",
+        version="1",
+        started_at=NOW + timedelta(seconds=5),
+        at=NOW,
+    )
+    late_will = AgentStatus(state="lost", agent="pi-1", session="old", version="1", started_at=NOW)
+
+    async def state() -> tuple[str, str]:
+        async with engine.connect() as conn:
+            row = (await conn.execute(select(s.agents.c.state, s.agents.c.session))).one_or_none()
+        return (row.state, row.session) if row else ("", "")
+
+    for status in (old, new, late_will):
+        pub.publish(T.status("pi-1"), status.to_json(), qos=1, retain=True).wait_for_publish(5)
+        await asyncio.sleep(0.3)
+    assert await state() == ("online", "new"), "the old session's will does not mark the live agent lost"
+    lost = AgentStatus(state="lost", agent="pi-1", session="new", version="1", started_at=new.started_at)
+    pub.publish(T.status("pi-1"), lost.to_json(), qos=1, retain=True).wait_for_publish(5)
+
+    async def is_lost() -> bool:
+        return await state() == ("lost", "new")
+
+    await wait_for(is_lost)
+    pub.loop_stop()
+
+
+async def test_probe_moves_and_sim_changes_are_noticed(
+    mosquitto: Mosquitto, controller: Callable[[], asyncio.Event], engine: AsyncEngine
+) -> None:
+    controller()
+    await asyncio.sleep(0.5)
+    pub = connected_client(mosquitto)
+
+    def state(agent: str, modem: str, imsi: str) -> bytes:
+        return ModemState(
+            agent=agent, modem=modem, port="/dev/gsm/x", connected=True, imsi=imsi, mcc_mnc="23415"
+        ).to_json()
+
+    pub.publish(T.modem_state("pi-1", "m1"), state("pi-1", "m1", "234150000000001"), qos=1).wait_for_publish(
+        5
+    )
+    await asyncio.sleep(0.3)
+    pub.publish(T.modem_state("pi-2", "m1"), state("pi-2", "m1", "234150000000001"), qos=1).wait_for_publish(
+        5
+    )
+    await asyncio.sleep(0.3)
+    pub.publish(T.modem_state("pi-2", "m1"), state("pi-2", "m1", "234150000000002"), qos=1).wait_for_publish(
+        5
+    )
+
+    async def events() -> bool:
+        return await count(engine, s.probe_events) == 2
+
+    await wait_for(events)
+    async with engine.connect() as conn:
+        kinds = [
+            (e.kind, e.imsi)
+            for e in (await conn.execute(select(s.probe_events).order_by(s.probe_events.c.id)))
+        ]
+        probes = {p.imsi: (p.agent_id, p.modem_id) for p in await conn.execute(select(s.probes))}
+    assert kinds == [("sim_moved", "234150000000001"), ("sim_changed", "234150000000002")]
+    assert probes == {"234150000000001": (None, None), "234150000000002": ("pi-2", "m1")}
+    pub.loop_stop()
+
+
+def test_controller_killed_and_restarted_while_agents_publish_loses_nothing(
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    database_url: str,
+) -> None:
+    config = controller_toml(tmp_path / "controller.toml", mosquitto, database_url)
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "controller.cli", "serve", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "controller.log", "ab"),
+        )
+
+    proc = start()
+    time.sleep(2.0)  # its persistent session exists at the broker from here on
+    pub = connected_client(mosquitto)
+    total = 1500
+    done = threading.Event()
+
+    def publish() -> None:
+        for i in range(total):
+            pub.publish(T.sms("pi-uk-1"), observation(i).to_json(), qos=1)
+            time.sleep(0.002)
+        done.set()
+
+    threading.Thread(target=publish, daemon=True).start()
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)  # mid-stream: some written, some received but not acked
+    proc.wait(10)
+    time.sleep(1.0)  # agents keep publishing into the queued session
+    proc = start()
+    assert done.wait(60)
+
+    async def stored() -> int:
+        engine = make_engine(database_url)
+        try:
+            return await count(engine, s.observations)
+        finally:
+            await engine.dispose()
+
+    deadline = time.monotonic() + 60
+    while asyncio.run(stored()) < total:
+        assert time.monotonic() < deadline, f"only {asyncio.run(stored())} of {total} stored"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert asyncio.run(stored()) == total
+    pub.loop_stop()
+
+
+async def test_a_failed_write_is_retried_through_the_broker(
+    tmp_path: Path, mosquitto: Mosquitto, controller: Callable[[], asyncio.Event], engine: AsyncEngine
+) -> None:
+    """The database refuses writes for a while (SQLite locked past its busy timeout): nothing was
+    acknowledged, so after the controller reconnects the broker resends and all are stored."""
+    if engine.dialect.name != "sqlite":
+        pytest.skip("locking the whole database from outside is a SQLite test")
+    import sqlite3
+
+    controller()
+    await asyncio.sleep(0.5)
+    path = engine.url.database
+    assert path is not None
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    pub = connected_client(mosquitto)
+    for i in range(20):
+        pub.publish(T.sms("pi-uk-1"), observation(i).to_json(), qos=1)
+    await asyncio.sleep(7.0)  # longer than the 5 s busy timeout: the batch write fails
+    blocker.execute("ROLLBACK")
+    blocker.close()
+
+    async def all_stored() -> bool:
+        return await count(engine, s.observations) == 20
+
+    await wait_for(all_stored, timeout_s=20)
+    pub.loop_stop()
