@@ -74,11 +74,6 @@ class ControllerLink:
 
     def _client_for(self) -> aiomqtt.Client:
         b = self.broker
-        tls = None
-        if b.tls is not None:
-            tls = ssl.create_default_context(cafile=str(b.tls.ca))
-            if b.tls.cert is not None and b.tls.key is not None:
-                tls.load_cert_chain(str(b.tls.cert), str(b.tls.key))
         v5 = b.protocol == "5"
         properties = None
         if v5:
@@ -96,7 +91,7 @@ class ControllerLink:
             clean_session=None if v5 else False,
             clean_start=False if v5 else 3,
             keepalive=b.keepalive_s,
-            tls_context=tls,
+            tls_context=b.ssl_context(),
             properties=properties,
             timeout=10,
             max_queued_incoming_messages=0,

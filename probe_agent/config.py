@@ -7,6 +7,7 @@ can be world-readable; the Ansible role writes those files with tight permission
 
 from __future__ import annotations
 
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
@@ -71,6 +72,15 @@ class BrokerConfig(Strict):
         if (self.password is not None or self.password_file is not None) and not self.username:
             raise ValueError("a password needs a username")
         return self
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for this broker (CA, and the client certificate when set); None for TCP."""
+        if self.tls is None:
+            return None
+        context = ssl.create_default_context(cafile=str(self.tls.ca))
+        if self.tls.cert is not None and self.tls.key is not None:
+            context.load_cert_chain(str(self.tls.cert), str(self.tls.key))
+        return context
 
     def secret(self) -> str | None:
         """The password, read from its file when configured that way."""

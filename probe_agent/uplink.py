@@ -132,11 +132,6 @@ class Uplink:
         will = aiomqtt.Will(
             self.topics.status(self.agent), self._status("lost").to_json(), qos=1, retain=True
         )
-        tls = None
-        if b.tls is not None:
-            tls = ssl.create_default_context(cafile=str(b.tls.ca))
-            if b.tls.cert is not None and b.tls.key is not None:
-                tls.load_cert_chain(str(b.tls.cert), str(b.tls.key))
         v5 = b.protocol == "5"
         properties = None
         if v5:
@@ -152,7 +147,7 @@ class Uplink:
             will=will,
             clean_session=None if v5 else True,
             keepalive=b.keepalive_s,
-            tls_context=tls,
+            tls_context=b.ssl_context(),
             properties=properties,
             timeout=10,
             max_inflight_messages=PUBLISH_WINDOW,
