@@ -42,12 +42,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import getpass
 import math
 import multiprocessing as mp
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -60,9 +58,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import paho.mqtt.client as mqtt
 import psutil
+from harness import cpu_s, log, reply, start_child, start_mosquitto, stop_process
 from paho.mqtt.enums import CallbackAPIVersion
 
 from probe_agent.protocol import DEFAULT_PREFIX, ModemState, Observation, Topics
@@ -92,26 +92,12 @@ DRAIN_TIMEOUT_S = 60.0
 TOPICS = Topics(DEFAULT_PREFIX)
 
 
-def _log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
 def _percentile(values: list[float], p: float) -> float:
     """Nearest-rank percentile; NaN when there is no sample."""
     if not values:
         return math.nan
     ordered = sorted(values)
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-# --- child processes ------------------------------------------------------------------------------
 
 
 def _modem_server(count: int, profile: str, conn: Connection) -> None:
@@ -187,75 +173,6 @@ def _bare_publisher(port: int, topic: str, payloads: list[bytes], conn: Connecti
 
 
 # --- this process: broker, agent, subscriber, sampler --------------------------------------------
-
-
-def start_mosquitto(workdir: Path, stack: contextlib.ExitStack) -> int:
-    """A mosquitto of our own on a free loopback port; returns the port."""
-    port = _free_port()
-    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false"]
-    if os.geteuid() == 0:  # as root mosquitto drops to user "mosquitto", who cannot read workdir
-        lines.append(f"user {getpass.getuser()}")
-    conf = workdir / "mosquitto.conf"
-    conf.write_text("\n".join(lines) + "\n")
-    log_path = workdir / "mosquitto.log"
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(
-            ["mosquitto", "-c", str(conf)], stdout=log_file, stderr=log_file, start_new_session=True
-        )
-    stack.callback(_stop_process, proc, "mosquitto")
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return port
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mosquitto did not start: {log_path.read_text()}") from None
-            time.sleep(0.02)
-
-
-def _stop_process(proc: subprocess.Popen[bytes], name: str, timeout_s: float = 20.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            _log(f"{name} did not stop on SIGTERM; killing it")
-            proc.kill()
-            proc.wait(10)
-
-
-def _reply(conn: Connection, child: Any, what: str, timeout_s: float) -> Any:
-    """The child's next message; an error if it exits first or says nothing for ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not conn.poll(0.5):
-        if not child.is_alive():
-            raise RuntimeError(f"{what}: the child process exited ({child.exitcode})")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what}: no answer within {timeout_s:g} s")
-    return conn.recv()
-
-
-def _start_child(
-    ctx: Any, target: Callable[..., None], args: tuple[Any, ...], stack: contextlib.ExitStack
-) -> tuple[Any, Connection]:
-    """A spawned child with a Pipe as its last argument, stopped on the way out."""
-    conn, child_conn = ctx.Pipe()
-    child = ctx.Process(target=target, args=(*args, child_conn), daemon=True)
-    child.start()
-    child_conn.close()  # ours: so a dead child reads as EOF, never as a hang
-    stack.callback(_stop_child, child, conn)
-    return child, conn
-
-
-def _stop_child(child: Any, conn: Connection) -> None:
-    if child.is_alive():
-        with contextlib.suppress(OSError, ValueError):
-            conn.send(("stop",))  # small: never blocks on a full pipe
-    child.join(10)
-    if child.is_alive():
-        child.terminate()
-        child.join(5)
 
 
 def write_agent_toml(path: Path, broker_port: int, ports: list[str]) -> Path:
@@ -347,11 +264,6 @@ def _modems_connected(sub: Subscriber) -> bool:
     return sum(s.connected for s in states) >= MODEMS
 
 
-def _cpu_s(proc: psutil.Process) -> float:
-    t = proc.cpu_times()
-    return float(t.user + t.system)
-
-
 def _deliver(
     phase: str,
     modem_conn: Connection,
@@ -365,7 +277,7 @@ def _deliver(
     while not modem_conn.poll(1.0):
         if not modem_child.is_alive():
             raise RuntimeError(f"the modems' process exited ({modem_child.exitcode}) during the {phase}")
-        _log(f"{phase}: {len(sub.received(AGENT_ID))} observations received so far")
+        log(f"{phase}: {len(sub.received(AGENT_ID))} observations received so far")
     reply: tuple[list[tuple[int | None, tuple[str, ...]]], int, float] = modem_conn.recv()
     return reply
 
@@ -383,11 +295,11 @@ def _await_observations(
         if len(got) > parsed:
             seen.update(Observation.model_validate_json(p).pdus[0] for _, p in got[parsed:])
             parsed, last_change = len(got), time.monotonic()
-            _log(f"{phase}: {len(wanted & seen)}/{len(wanted)} observations received")
+            log(f"{phase}: {len(wanted & seen)}/{len(wanted)} observations received")
         if wanted <= seen:
             return
         if time.monotonic() - last_change > STALL_TIMEOUT_S:
-            _log(f"{phase}: no new observation for {STALL_TIMEOUT_S:g} s; giving up")
+            log(f"{phase}: no new observation for {STALL_TIMEOUT_S:g} s; giving up")
             return
         if agent.poll() is not None:
             raise RuntimeError(f"the agent exited ({agent.returncode}) during the {phase}")
@@ -399,12 +311,12 @@ def run(
 ) -> dict[str, Any]:
     """Everything that needs the processes; returns the raw figures."""
     ctx = mp.get_context("spawn")
-    broker_port = start_mosquitto(workdir, stack)
-    _log(f"mosquitto on 127.0.0.1:{broker_port}")
+    broker_port, _ = start_mosquitto(workdir, stack)
+    log(f"mosquitto on 127.0.0.1:{broker_port}")
 
-    modem_child, modem_conn = _start_child(ctx, _modem_server, (MODEMS, PROFILE), stack)
-    ports: list[str] = _reply(modem_conn, modem_child, "starting the modems", 30)
-    _log(f"{MODEMS} virtual modems ({PROFILE}) in child pid {modem_child.pid}")
+    modem_child, modem_conn = start_child(ctx, _modem_server, (MODEMS, PROFILE), stack)
+    ports: list[str] = reply(modem_conn, modem_child, "starting the modems", 30)
+    log(f"{MODEMS} virtual modems ({PROFILE}) in child pid {modem_child.pid}")
 
     sub = Subscriber(broker_port)
     stack.callback(sub.close)
@@ -418,42 +330,42 @@ def run(
             stderr=log_file,
             start_new_session=True,  # Ctrl-C reaches only us; we stop the agent cleanly
         )
-    stack.callback(_stop_process, agent, "agent")
+    stack.callback(stop_process, agent, "agent")
 
     def agent_log_tail_on_error(exc_type: type[BaseException] | None, *_: object) -> None:
         lines = agent_log.read_text(errors="replace").splitlines()
         if exc_type is not None and lines:
-            _log(f"agent log ({len(lines)} lines), last 20:\n  " + "\n  ".join(lines[-20:]))
+            log(f"agent log ({len(lines)} lines), last 20:\n  " + "\n  ".join(lines[-20:]))
 
     stack.push(agent_log_tail_on_error)
     agent_ps = psutil.Process(agent.pid)
     sampler = RssSampler(agent.pid)
     stack.callback(sampler.stop)
-    _log(f"agent pid {agent.pid}; waiting for its {MODEMS} modems")
+    log(f"agent pid {agent.pid}; waiting for its {MODEMS} modems")
     wait_until("the modems to connect", lambda: _modems_connected(sub), 60, agent)
     time.sleep(SETTLE_S)
     rss_ready = sampler.last
 
     # --- the burst
     texts = [f"probe-fleet bench message {i:06d}" for i in range(messages)]
-    _log(f"burst: delivering {messages} SMS over {MODEMS} modems")
-    cpu_before = _cpu_s(agent_ps)
+    log(f"burst: delivering {messages} SMS over {MODEMS} modems")
+    cpu_before = cpu_s(agent_ps)
     items = [(i % MODEMS, SENDER, t) for i, t in enumerate(texts)]
     deliveries, refused, _ = _deliver("burst", modem_conn, modem_child, items, 0.0, sub)
     delivered_ns = time.time_ns()
-    _log(f"burst: all delivered ({refused} storage-full refusals retried); waiting for observations")
+    log(f"burst: all delivered ({refused} storage-full refusals retried); waiting for observations")
     _await_observations("burst", sub, {pdus[0] for _, pdus in deliveries}, agent)
-    burst_cpu_s = _cpu_s(agent_ps) - cpu_before
+    burst_cpu_s = cpu_s(agent_ps) - cpu_before
     observed = sub.received(AGENT_ID)
     rss_burst_peak = sampler.peak
-    _log(f"burst: done, {len(observed)} observations")
+    log(f"burst: done, {len(observed)} observations")
 
     # --- paced: a steady trickle, round robin, once the agent has emptied the SIMs
-    _log("paced: waiting for the agent to empty the modems' storage")
+    log("paced: waiting for the agent to empty the modems' storage")
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     while True:
         modem_conn.send(("stored",))
-        if (stored := _reply(modem_conn, modem_child, "the modems' storage", 30)) == 0:
+        if (stored := reply(modem_conn, modem_child, "the modems' storage", 30)) == 0:
             break
         if agent.poll() is not None:
             raise RuntimeError(f"the agent exited ({agent.returncode}) before the paced phase")
@@ -462,23 +374,23 @@ def run(
         time.sleep(0.2)
     time.sleep(SETTLE_S)
     paced_texts = [f"probe-fleet bench paced message {i:06d}" for i in range(paced)]
-    _log(f"paced: delivering {paced} SMS over {MODEMS} modems at {paced_rate:g} SMS/s in total")
-    cpu_before = _cpu_s(agent_ps)
+    log(f"paced: delivering {paced} SMS over {MODEMS} modems at {paced_rate:g} SMS/s in total")
+    cpu_before = cpu_s(agent_ps)
     items = [(i % MODEMS, SENDER, t) for i, t in enumerate(paced_texts)]
     paced_deliveries, paced_refused, paced_late_ms = _deliver(
         "paced", modem_conn, modem_child, items, 1 / paced_rate, sub
     )
-    _log(f"paced: all delivered ({paced_refused} storage-full refusals retried); waiting for observations")
+    log(f"paced: all delivered ({paced_refused} storage-full refusals retried); waiting for observations")
     _await_observations("paced", sub, {pdus[0] for _, pdus in paced_deliveries}, agent)
-    paced_cpu_s = _cpu_s(agent_ps) - cpu_before
-    _log("paced: done")
+    paced_cpu_s = cpu_s(agent_ps) - cpu_before
+    log("paced: done")
 
     # --- idle
     time.sleep(SETTLE_S)
-    _log(f"idle: measuring the agent's CPU over {IDLE_S:g} s")
-    cpu0, wall0 = _cpu_s(agent_ps), time.monotonic()
+    log(f"idle: measuring the agent's CPU over {IDLE_S:g} s")
+    cpu0, wall0 = cpu_s(agent_ps), time.monotonic()
     time.sleep(IDLE_S)
-    idle_cpu_pct = (_cpu_s(agent_ps) - cpu0) / (time.monotonic() - wall0) * 100
+    idle_cpu_pct = (cpu_s(agent_ps) - cpu0) / (time.monotonic() - wall0) * 100
     sampler.stop()
 
     # --- baseline: the same payloads through a bare paho publisher
@@ -486,11 +398,11 @@ def run(
     for _, payload in observed:
         first_seen.setdefault(Observation.model_validate_json(payload).id, payload)
     payloads = list(first_seen.values())
-    _log(f"baseline: bare paho publisher, {len(payloads)} payloads")
-    bare, bare_conn = _start_child(ctx, _bare_publisher, (broker_port, TOPICS.sms(BARE_ID), payloads), stack)
-    bare_window = _reply(bare_conn, bare, "starting the bare publisher", 30)
+    log(f"baseline: bare paho publisher, {len(payloads)} payloads")
+    bare, bare_conn = start_child(ctx, _bare_publisher, (broker_port, TOPICS.sms(BARE_ID), payloads), stack)
+    bare_window = reply(bare_conn, bare, "starting the bare publisher", 30)
     bare_conn.send("go")
-    bare_stamps, bare_acked_ns, bare_acked = _reply(bare_conn, bare, "the bare publisher", 120)
+    bare_stamps, bare_acked_ns, bare_acked = reply(bare_conn, bare, "the bare publisher", 120)
     wait_until(
         "the bare publisher's messages",
         lambda: len(sub.received(BARE_ID)) >= len(payloads),
@@ -665,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results = run(args.messages, args.paced, args.paced_rate, workdir, stack)
         except KeyboardInterrupt:
-            _log("interrupted; stopping everything")
+            log("interrupted; stopping everything")
             return 130
     return report(args.messages, args.paced, args.paced_rate, results)
 

@@ -34,29 +34,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import getpass
 import json
 import math
 import multiprocessing as mp
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import paho.mqtt.client as mqtt
 import psutil
+from harness import cpu_s, log, reply, start_child, start_mosquitto, stop_process
 from paho.mqtt.enums import CallbackAPIVersion
 
 from hardware.sms_pdu import encode_deliver
@@ -76,17 +75,6 @@ CONTROLLER_CLIENT_ID = "bench-controller"
 SENDER = "MyBank"
 SMSC = "+447785016005"
 TOPICS = Topics(DEFAULT_PREFIX)
-
-
-def _log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def agent_ids(agents: int) -> list[str]:
@@ -231,88 +219,6 @@ def _bare_subscriber(port: int, topic_filter: str, expected: int, conn: Connecti
 # --- this process ---------------------------------------------------------------------------------
 
 
-def start_mosquitto(workdir: Path, stack: contextlib.ExitStack) -> tuple[int, subprocess.Popen[bytes]]:
-    """A mosquitto of our own on a free loopback port; returns the port and the process."""
-    port = _free_port()
-    lines = [
-        f"listener {port} 127.0.0.1",
-        "allow_anonymous true",
-        "persistence false",
-        "max_queued_messages 0",
-    ]
-    if os.geteuid() == 0:  # as root mosquitto drops to user "mosquitto", who cannot read workdir
-        lines.append(f"user {getpass.getuser()}")
-    conf = workdir / "mosquitto.conf"
-    conf.write_text("\n".join(lines) + "\n")
-    log_path = workdir / "mosquitto.log"
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(
-            ["mosquitto", "-c", str(conf)], stdout=log_file, stderr=log_file, start_new_session=True
-        )
-    stack.callback(_stop_process, proc, "mosquitto")
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return port, proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mosquitto did not start: {log_path.read_text()}") from None
-            time.sleep(0.02)
-
-
-def _stop_process(proc: subprocess.Popen[bytes], name: str, timeout_s: float = 30.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            _log(f"{name} did not stop on SIGTERM; killing it")
-            proc.kill()
-            proc.wait(10)
-
-
-def _reply(conn: Connection, child: Any, what: str, timeout_s: float) -> Any:
-    """The child's next message; an error if it exits first or says nothing for ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not conn.poll(0.5):
-        if not child.is_alive():
-            raise RuntimeError(f"{what}: the child process exited ({child.exitcode})")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what}: no answer within {timeout_s:g} s")
-    return conn.recv()
-
-
-def _start_child(
-    ctx: Any, target: Callable[..., None], args: tuple[Any, ...], stack: contextlib.ExitStack
-) -> tuple[Any, Connection]:
-    """A spawned child with a Pipe as its last argument, stopped on the way out."""
-    conn, child_conn = ctx.Pipe()
-    child = ctx.Process(target=target, args=(*args, child_conn), daemon=True)
-    child.start()
-    child_conn.close()  # ours: so a dead child reads as EOF, never as a hang
-    stack.callback(_stop_child, child, conn)
-    return child, conn
-
-
-def _stop_child(child: Any, conn: Connection) -> None:
-    if child.is_alive():
-        with contextlib.suppress(OSError, ValueError):
-            conn.send(("stop",))  # small: never blocks on a full pipe
-    child.join(10)
-    if child.is_alive():
-        child.terminate()
-        child.join(5)
-
-
-def _cpu_s(proc: psutil.Process) -> float:
-    try:
-        t = proc.cpu_times()
-    except psutil.Error:
-        return math.nan
-    return float(t.user + t.system)
-
-
 def write_controller_toml(path: Path, broker_port: int, db: Path) -> Path:
     path.write_text(
         f'database_url = "sqlite:///{db}"\n'
@@ -356,10 +262,10 @@ class CpuMeter:
         self.used: dict[str, float] = {}
 
     def start(self) -> None:
-        self.before = {name: _cpu_s(p) for name, p in self.procs.items()}
+        self.before = {name: cpu_s(p) for name, p in self.procs.items()}
 
     def stop(self) -> dict[str, float]:
-        self.used = {name: _cpu_s(p) - self.before[name] for name, p in self.procs.items()}
+        self.used = {name: cpu_s(p) - self.before[name] for name, p in self.procs.items()}
         return self.used
 
 
@@ -374,15 +280,15 @@ def run_baseline(
     """The bare subscriber drains the N payloads."""
     pub_child, pub_conn = pub
     sub_filter = f"{DEFAULT_PREFIX}/agents/+/sms"
-    sub_child, sub_conn = _start_child(ctx, _bare_subscriber, (port, sub_filter, messages), stack)
-    _reply(sub_conn, sub_child, "starting the bare subscriber", 30)
+    sub_child, sub_conn = start_child(ctx, _bare_subscriber, (port, sub_filter, messages), stack)
+    reply(sub_conn, sub_child, "starting the bare subscriber", 30)
     cpu = CpuMeter({"subscriber": sub_child.pid, "mosquitto": mosquitto.pid, "publisher": pub_child.pid})
-    _log(f"baseline: bare paho subscriber (pid {sub_child.pid}) subscribed; publishing {messages}")
+    log(f"baseline: bare paho subscriber (pid {sub_child.pid}) subscribed; publishing {messages}")
     cpu.start()
     wall0 = time.monotonic()
     pub_conn.send(("go",))
-    first_ns, acked_ns, acked, refused = _reply(pub_conn, pub_child, "the publisher", 330)
-    _log(f"baseline: publisher got {acked} PUBACKs ({refused} refused); waiting for the subscriber")
+    first_ns, acked_ns, acked, refused = reply(pub_conn, pub_child, "the publisher", 330)
+    log(f"baseline: publisher got {acked} PUBACKs ({refused} refused); waiting for the subscriber")
     got = None
     deadline = time.monotonic() + STALL_TIMEOUT_S
     while got is None and time.monotonic() < deadline:
@@ -390,11 +296,11 @@ def run_baseline(
             got = sub_conn.recv()
     if got is None:
         sub_conn.send(("stop",))
-        got = _reply(sub_conn, sub_child, "the bare subscriber", 10)
+        got = reply(sub_conn, sub_child, "the bare subscriber", 10)
     wall = time.monotonic() - wall0
     used = cpu.stop()
     received, last_ns = got
-    _log(f"baseline: {received}/{messages} messages at the subscriber")
+    log(f"baseline: {received}/{messages} messages at the subscriber")
     sub_child.join(10)
     return {
         "first_ns": first_ns,
@@ -433,24 +339,22 @@ def run_ingest(
             stderr=log_file,
             start_new_session=True,  # Ctrl-C reaches only us; we stop the controller cleanly
         )
-    stack.callback(_stop_process, proc, "controller")
+    stack.callback(stop_process, proc, "controller")
 
     def log_tail_on_error(exc_type: type[BaseException] | None, *_: object) -> None:
         lines = log_path.read_text(errors="replace").splitlines()
         if exc_type is not None and lines:
-            _log(f"controller log ({len(lines)} lines), last 20:\n  " + "\n  ".join(lines[-20:]))
+            log(f"controller log ({len(lines)} lines), last 20:\n  " + "\n  ".join(lines[-20:]))
 
     stack.push(log_tail_on_error)
-    _log(f"ingest: controller pid {proc.pid}; waiting for its retained status online")
+    log(f"ingest: controller pid {proc.pid}; waiting for its retained status online")
     wait_controller_online(port, proc)
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, check_same_thread=False)
     stack.callback(db.close)
     if (before := _count_rows(db, "observations")) != 0:
         raise RuntimeError(f"the new database already holds {before} observations")
     cpu = CpuMeter({"controller": proc.pid, "mosquitto": mosquitto.pid, "publisher": pub_child.pid})
-    _log(
-        f"ingest: controller online; publishing {messages}, polling {db_path.name} every {POLL_S * 1e3:g} ms"
-    )
+    log(f"ingest: controller online; publishing {messages}, polling {db_path.name} every {POLL_S * 1e3:g} ms")
     timeline: list[tuple[int, int]] = []  # (poll ns, rows)
     cpu.start()
     wall0 = time.monotonic()
@@ -473,22 +377,22 @@ def run_ingest(
             pub_reply = pub_conn.recv()
         if time.monotonic() - last_log > 1.0:
             last_log = time.monotonic()
-            _log(f"ingest: {rows}/{messages} observations persisted")
+            log(f"ingest: {rows}/{messages} observations persisted")
         if time.monotonic() - last_change > STALL_TIMEOUT_S:
-            _log(f"ingest: no new row for {STALL_TIMEOUT_S:g} s; giving up at {rows}")
+            log(f"ingest: no new row for {STALL_TIMEOUT_S:g} s; giving up at {rows}")
             break
         if proc.poll() is not None:
-            _log(f"ingest: the controller exited ({proc.returncode}) at {rows} rows")
+            log(f"ingest: the controller exited ({proc.returncode}) at {rows} rows")
             break
     wall = time.monotonic() - wall0
     used = cpu.stop()
     if pub_reply is None:
-        pub_reply = _reply(pub_conn, pub_child, "the publisher", 330)
+        pub_reply = reply(pub_conn, pub_child, "the publisher", 330)
     first_ns, acked_ns, acked, refused = pub_reply
-    _log(f"ingest: {rows}/{messages} observations persisted; publisher got {acked} PUBACKs")
+    log(f"ingest: {rows}/{messages} observations persisted; publisher got {acked} PUBACKs")
     dead = _count_rows(db, "dead_letters")
     distinct = int(db.execute("SELECT count(DISTINCT id) FROM observations").fetchone()[0])
-    _stop_process(proc, "controller")
+    stop_process(proc, "controller")
     warnings = [
         line
         for line in log_path.read_text(errors="replace").splitlines()
@@ -516,10 +420,10 @@ def run(
     """Everything that needs the processes; returns the raw figures."""
     ctx = mp.get_context("spawn")
     port, mosquitto = start_mosquitto(workdir, stack)
-    _log(f"mosquitto on 127.0.0.1:{port}")
-    pub_child, pub_conn = _start_child(ctx, _publisher, (port, messages, agents, publishers), stack)
-    count, size, window = _reply(pub_conn, pub_child, "starting the publisher", 120)
-    _log(f"publisher (pid {pub_child.pid}): {count} payloads, {size / count:.0f} bytes on average")
+    log(f"mosquitto on 127.0.0.1:{port}")
+    pub_child, pub_conn = start_child(ctx, _publisher, (port, messages, agents, publishers), stack)
+    count, size, window = reply(pub_conn, pub_child, "starting the publisher", 120)
+    log(f"publisher (pid {pub_child.pid}): {count} payloads, {size / count:.0f} bytes on average")
     pub = (pub_child, pub_conn)
     baseline = run_baseline(ctx, port, messages, pub, mosquitto, stack)
     ingest = run_ingest(port, messages, workdir, pub, mosquitto, stack)
@@ -633,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results = run(args.messages, args.agents, args.publishers, workdir, stack)
         except KeyboardInterrupt:
-            _log("interrupted; stopping everything")
+            log("interrupted; stopping everything")
             return 130
     return report(args.messages, args.agents, args.publishers, results)
 
