@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 #: How often a modem's state is compared with what was last published.
 STATE_CHECK_S = 1.0
+#: Pause before a failed spool write is tried again (nothing is acknowledged to the SIM meanwhile).
+SPOOL_RETRY_S = 1.0
 
 PortFactory = Callable[[ModemConfig], ModemPort]
 
@@ -179,7 +181,13 @@ class SpoolWriter:
             while len(batch) < self.batch_max and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             entries = [(obs.id, topic, obs.to_json()) for obs, _ in batch]
-            stored = await asyncio.to_thread(self.agent.spool.put_many, entries)
+            while True:
+                try:
+                    stored = await asyncio.to_thread(self.agent.spool.put_many, entries)
+                    break
+                except Exception as exc:  # disk full, I/O error: the SIM copies stay until it works
+                    log.error("spool write failed (%s); retrying in %.0f s", exc, SPOOL_RETRY_S)
+                    await asyncio.sleep(SPOOL_RETRY_S)
             for (obs, on_durable), new in zip(batch, stored, strict=True):
                 log.info(
                     "SMS from %s spooled%s",
