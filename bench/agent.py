@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import paho.mqtt.client as mqtt
 import psutil
-from harness import cpu_s, log, reply, start_child, start_mosquitto, stop_process
+from harness import cpu_s, log, reply, start_child, start_mosquitto, start_process
 from paho.mqtt.enums import CallbackAPIVersion
 
 from probe_agent.protocol import DEFAULT_PREFIX, ModemState, Observation, Topics
@@ -322,22 +322,13 @@ def run(
     stack.callback(sub.close)
     config = write_agent_toml(workdir / "agent.toml", broker_port, ports)
     agent_log = workdir / "agent.log"
-    with open(agent_log, "ab") as log_file:
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "probe_agent.cli", "run", "--config", str(config)],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=log_file,
-            start_new_session=True,  # Ctrl-C reaches only us; we stop the agent cleanly
-        )
-    stack.callback(stop_process, agent, "agent")
-
-    def agent_log_tail_on_error(exc_type: type[BaseException] | None, *_: object) -> None:
-        lines = agent_log.read_text(errors="replace").splitlines()
-        if exc_type is not None and lines:
-            log(f"agent log ({len(lines)} lines), last 20:\n  " + "\n  ".join(lines[-20:]))
-
-    stack.push(agent_log_tail_on_error)
+    agent = start_process(
+        [sys.executable, "-m", "probe_agent.cli", "run", "--config", str(config)],
+        "agent",
+        agent_log,
+        stack,
+        ROOT,
+    )
     agent_ps = psutil.Process(agent.pid)
     sampler = RssSampler(agent.pid)
     stack.callback(sampler.stop)

@@ -70,6 +70,30 @@ def start_mosquitto(
             time.sleep(0.02)
 
 
+def start_process(
+    args: list[str], name: str, log_path: Path, stack: contextlib.ExitStack, cwd: Path
+) -> subprocess.Popen[bytes]:
+    """A project process (agent, controller) logging to ``log_path``; stopped with SIGTERM when
+    ``stack`` closes, and the tail of its log printed if the benchmark fails."""
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            args,
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            start_new_session=True,  # Ctrl-C reaches only us; we stop it cleanly
+        )
+    stack.callback(stop_process, proc, name)
+
+    def tail_on_error(exc_type: type[BaseException] | None, *_: object) -> None:
+        lines = log_path.read_text(errors="replace").splitlines()
+        if exc_type is not None and lines:
+            log(f"{name} log ({len(lines)} lines), last 20:\n  " + "\n  ".join(lines[-20:]))
+
+    stack.push(tail_on_error)
+    return proc
+
+
 def stop_process(proc: subprocess.Popen[bytes], name: str, timeout_s: float = 30.0) -> None:
     """SIGTERM, then SIGKILL if it does not stop in ``timeout_s``."""
     if proc.poll() is None:

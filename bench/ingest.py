@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import paho.mqtt.client as mqtt
 import psutil
-from harness import cpu_s, log, reply, start_child, start_mosquitto, stop_process
+from harness import cpu_s, log, reply, start_child, start_mosquitto, start_process, stop_process
 from paho.mqtt.enums import CallbackAPIVersion
 
 from hardware.sms_pdu import encode_deliver
@@ -331,22 +331,13 @@ def run_ingest(
     db_path = workdir / "controller.db"
     config = write_controller_toml(workdir / "controller.toml", port, db_path)
     log_path = workdir / "controller.log"
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "controller.cli", "serve", "--config", str(config)],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=log_file,
-            start_new_session=True,  # Ctrl-C reaches only us; we stop the controller cleanly
-        )
-    stack.callback(stop_process, proc, "controller")
-
-    def log_tail_on_error(exc_type: type[BaseException] | None, *_: object) -> None:
-        lines = log_path.read_text(errors="replace").splitlines()
-        if exc_type is not None and lines:
-            log(f"controller log ({len(lines)} lines), last 20:\n  " + "\n  ".join(lines[-20:]))
-
-    stack.push(log_tail_on_error)
+    proc = start_process(
+        [sys.executable, "-m", "controller.cli", "serve", "--config", str(config)],
+        "controller",
+        log_path,
+        stack,
+        ROOT,
+    )
     log(f"ingest: controller pid {proc.pid}; waiting for its retained status online")
     wait_controller_online(port, proc)
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, check_same_thread=False)

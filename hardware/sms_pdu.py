@@ -494,6 +494,11 @@ def decode_deliver(pdu: str, *, has_smsc: bool = True) -> SmsDeliver:
     )
 
 
+def is_hex_pdu(text: str) -> bool:
+    """Whether a line can be a PDU: a non-empty, even run of hex digits (as +CMGR/+CMGL print it)."""
+    return bool(text) and len(text) % 2 == 0 and all(c in "0123456789ABCDEFabcdef" for c in text)
+
+
 def tpdu_length(pdu: str) -> int:
     """Octets of the TPDU without the SMSC prefix: the ``<length>`` of ``+CMGR`` / ``+CMT``."""
     raw = bytes.fromhex(pdu)

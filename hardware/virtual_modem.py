@@ -29,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 
 from hardware.modem_profiles import ModemProfile, get_profile
-from hardware.sms_pdu import decode_deliver, encode_deliver, tpdu_length
+from hardware.sms_pdu import decode_deliver, encode_deliver, is_hex_pdu, tpdu_length
 
 log = logging.getLogger(__name__)
 
@@ -814,7 +814,7 @@ class VirtualModem:
         memory = self._settings.mem[1]
         with self._state_lock:
             free = self._free_slots(memory)
-            if not _is_hex(pdu):
+            if not is_hex_pdu(pdu):
                 answer = f"+CMS ERROR: {CMS_INVALID_PDU}"
             elif not free:
                 answer = f"+CMS ERROR: {CMS_MEMORY_FULL}"
@@ -846,10 +846,6 @@ class _AtError(Exception):
     def __init__(self, result: str) -> None:
         super().__init__(result)
         self.result = result
-
-
-def _is_hex(text: str) -> bool:
-    return bool(text) and len(text) % 2 == 0 and all(c in "0123456789ABCDEFabcdef" for c in text)
 
 
 def _fixed_answer(lines: list[str]) -> Callable[[str, str], list[str]]:

@@ -37,6 +37,7 @@ from gsmmodem.exceptions import (
 from serial import SerialException
 
 from hardware.modem_profiles import PROFILES, get_profile
+from hardware.sms_pdu import is_hex_pdu
 from probe_agent.gsm_session import GsmSession
 from probe_agent.received import Origin, Part, Reassembler, ReceivedSms
 
@@ -725,7 +726,7 @@ def _pdu_after(lines: list[str], header: re.Pattern[str]) -> str | None:
     for i, line in enumerate(lines):
         if header.match(line):
             for candidate in lines[i + 1 :]:
-                if _is_hex(candidate):
+                if is_hex_pdu(candidate):
                     return candidate
     return None
 
@@ -738,11 +739,7 @@ def _listing(lines: list[str]) -> list[tuple[int, str]]:
         m = _CMGL.match(line)
         if m:
             index = int(m.group(1))
-        elif index is not None and _is_hex(line):
+        elif index is not None and is_hex_pdu(line):
             out.append((index, line))
             index = None
     return out
-
-
-def _is_hex(line: str) -> bool:
-    return len(line) >= 2 and len(line) % 2 == 0 and all(c in "0123456789ABCDEFabcdef" for c in line)
