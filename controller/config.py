@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from probe_agent.config import BrokerConfig, load_model
 from probe_agent.protocol import DEFAULT_PREFIX
@@ -48,6 +48,125 @@ class IngestConfig(Strict):
     )
 
 
+class ScoringWeights(Strict):
+    """Weights of the score's components; they need not sum to 1 (the score divides by the sum of
+    the weights of the components that are known for a pair)."""
+
+    delivery: float = Field(0.40, ge=0, description="Delivery rate (the lower bound of its interval).")
+    latency: float = Field(0.15, ge=0, description="Latency p50 / p90 / p99 through the latency curve.")
+    sender: float = Field(0.10, ge=0, description="Sender ID kept as sent.")
+    content: float = Field(0.08, ge=0, description="Text delivered unaltered.")
+    receipts: float = Field(0.10, ge=0, description="Receipts that told the truth (fake ones weigh more).")
+    grey: float = Field(0.07, ge=0, description="No grey-route signs (SIM-box sender, foreign SMSC).")
+    price: float = Field(0.05, ge=0, description="Cheapness relative to the cheapest route to the network.")
+    conversion: float = Field(0.05, ge=0, description="Conversion rate from the sender's feedback.")
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> ScoringWeights:
+        if sum(self.model_dump().values()) <= 0:
+            raise ValueError("at least one weight must be above 0")
+        return self
+
+
+class ScoringConfig(Strict):
+    """How results become a score per (route, network)."""
+
+    window_s: float = Field(24 * 3600.0, gt=0, description="Results older than this are not scored, seconds.")
+    half_life_s: float = Field(
+        6 * 3600.0, gt=0, description="A result this old counts half as much as a new one, seconds."
+    )
+    min_results: int = Field(
+        20, ge=1, description="Fewer results than this in the window: the pair is unknown (no score)."
+    )
+    confidence: float = Field(
+        0.95, gt=0, lt=1, description="Level of the delivery rate's interval; its lower bound is scored."
+    )
+    latency_good_ms: float = Field(5000.0, gt=0, description="Latency that still scores 0.9, ms.")
+    latency_half_ms: float = Field(20000.0, gt=0, description="Latency that scores 0.5, ms.")
+    fake_receipt_penalty: float = Field(
+        5.0, ge=1, description="A fake receipt (claimed delivered, none came) weighs as this many wrong ones."
+    )
+    min_conversions: int = Field(
+        20, ge=1, description="Fewer conversion reports than this in the window: conversion is not scored."
+    )
+    weights: ScoringWeights = Field(ScoringWeights(), description="Weights of the score's components.")
+
+    @model_validator(mode="after")
+    def _latency_curve(self) -> ScoringConfig:
+        if self.latency_half_ms <= self.latency_good_ms:
+            raise ValueError("latency_half_ms must be above latency_good_ms")
+        return self
+
+
+class RoutingConfig(Strict):
+    """How scores become the routing table."""
+
+    exploration_share: float = Field(
+        0.05, ge=0, le=0.5, description="Share of a network's traffic split among routes that need measuring."
+    )
+    backup_share: float = Field(
+        0.10, ge=0, lt=1, description="Share of the ranked traffic given to backups, halving down the order."
+    )
+    margin: float = Field(
+        0.05, ge=0, le=1, description="Score by which a challenger must beat the route ahead of it to pass."
+    )
+    exclude_below: float = Field(
+        0.30, ge=0, le=1, description="Scored routes below this get no traffic (unless no route is better)."
+    )
+    stale_after_s: float = Field(
+        6 * 3600.0, gt=0, description="A route whose newest result is older than this is explored, seconds."
+    )
+
+
+class ApiConfig(Strict):
+    """The REST API (``/api/v1``): where it listens and how much one request may ask for."""
+
+    enabled: bool = Field(True, description="Serve the REST API with the controller.")
+    host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Address to listen on; 127.0.0.1 keeps it local (put a TLS proxy in front), 0.0.0.0 all.",
+    )
+    port: int = Field(8080, ge=0, le=65535, description="TCP port to listen on; 0 picks a free one.")
+    default_page_size: int = Field(50, ge=1, description="Items per page when a list request gives no limit.")
+    max_page_size: int = Field(500, ge=1, description="Largest limit a list request may ask for.")
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest request body accepted, bytes; larger ones get 413."
+    )
+    token_touch_interval_s: float = Field(
+        60.0, ge=0, description="A token's last_used_at is written at most this often, seconds."
+    )
+    health_timeout_s: float = Field(
+        2.0, gt=0, description="How long /health waits for the database before reporting it down, seconds."
+    )
+    shutdown_timeout_s: float = Field(
+        5.0, ge=0, description="How long requests in flight may finish when the API stops, seconds."
+    )
+
+    @model_validator(mode="after")
+    def _page_sizes(self) -> ApiConfig:
+        if self.default_page_size > self.max_page_size:
+            raise ValueError("default_page_size is above max_page_size")
+        return self
+
+
+class CorrelationConfig(Strict):
+    """How observations become results."""
+
+    grace_s: float = Field(
+        300.0,
+        ge=0,
+        description="How long past its deadline an SMS whose token did not survive may still be matched "
+        "to its test (as late), seconds. Longer catches more late deliveries, but risks taking other "
+        "traffic on the SIM for a test.",
+    )
+    sweep_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often test cases past their deadline are decided as not delivered, seconds.",
+    )
+
+
 class ControllerConfig(Strict):
     """``controller.toml``."""
 
@@ -60,9 +179,13 @@ class ControllerConfig(Strict):
         DEFAULT_PREFIX, description="Root of the topic tree, with its contract version."
     )
     ingest: IngestConfig = Field(IngestConfig(), description="Observation writing.")
+    correlation: CorrelationConfig = Field(CorrelationConfig(), description="Matching and deadlines.")
+    scoring: ScoringConfig = Field(ScoringConfig(), description="Route scores per network.")
+    routing: RoutingConfig = Field(RoutingConfig(), description="The routing table built from the scores.")
     time_exchange_interval_s: float = Field(
         300.0, gt=0, description="How often each online agent's clock offset is measured, seconds."
     )
+    api: ApiConfig = Field(ApiConfig(), description="The REST API: listen address, paging, tokens.")
 
 
 def load(path: str | Path) -> ControllerConfig:

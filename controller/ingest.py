@@ -1,6 +1,8 @@
 """Ingest: every message from the agents validated against the wire contract and written in
 batches; an invalid one goes to the dead-letter table with its error and topic (counted per
 agent), never a crash; a duplicate observation (same id, at-least-once delivery) is dropped.
+Each new observation is matched to its test case and its result written in the same
+transaction (``controller.results``); ``sweep`` decides the tests whose deadline passed.
 
 Agent availability follows the retained status and the last will, by session: a ``lost`` will
 of an old session never overrides a newer ``online``. Probe state follows the modems' retained
@@ -22,6 +24,8 @@ from sqlalchemy import and_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from controller.correlation import DEFAULT_GRACE_MS
+from controller.results import match_new_observations, sweep_deadlines
 from controller.storage import schema as s
 from probe_agent.protocol import (
     AgentStatus,
@@ -48,6 +52,9 @@ class IngestStats:
     duplicates: int = 0
     invalid: Counter[str] = field(default_factory=Counter)
     batches: int = 0
+    matched: int = 0
+    unsolicited: int = 0
+    undelivered: int = 0
 
 
 @dataclass
@@ -70,12 +77,15 @@ class Ingest:
         flush_interval_s: float = 0.05,
         on_response: Callable[[str, str, CommandResponse, datetime], None] | None = None,
         on_failure: Callable[[], None] | None = None,
+        grace_ms: float = DEFAULT_GRACE_MS,
     ) -> None:
         self.engine = engine
         self.topics = topics
         self.batch_max = batch_max
         self.flush_interval_s = flush_interval_s
         self.on_response = on_response
+        #: How long past a deadline an SMS without its token may still be matched to its test.
+        self.grace_ms = grace_ms
         #: Called when a timed flush fails: its messages are unacknowledged, the broker must resend.
         self.on_failure = on_failure
         self.stats = IngestStats()
@@ -157,6 +167,17 @@ class Ingest:
     async def _write_observations(self, conn: AsyncConnection, pending: _Pending) -> int:
         if not pending.observations:
             return 0
+        ids = list(pending.observations)
+        seen = set(
+            (await conn.execute(select(s.observations.c.id).where(s.observations.c.id.in_(ids)))).scalars()
+        )
+        new = [obs for obs_id, (obs, _) in pending.observations.items() if obs_id not in seen]
+        if not new:
+            return 0
+        now = max(received_at for _, received_at in pending.observations.values())
+        outcome, marks = await match_new_observations(conn, new, now=now, grace_ms=self.grace_ms)
+        self.stats.matched += outcome.token + outcome.fuzzy
+        self.stats.unsolicited += outcome.unsolicited
         rows = [
             {
                 "id": obs.id,
@@ -167,14 +188,24 @@ class Ingest:
                 "text": obs.text,
                 "smsc": obs.smsc,
                 "urc_at": obs.urc_at,
-                "ingested_at": received_at,
+                "ingested_at": pending.observations[obs.id][1],
+                "test_case_id": marks[obs.id][0],
+                "match": marks[obs.id][1],
                 "payload": obs.model_dump(mode="json"),
             }
-            for obs, received_at in pending.observations.values()
+            for obs in new
         ]
+        # Another controller instance (shared subscription) may have written one meanwhile.
         result = await conn.execute(self._insert(s.observations).on_conflict_do_nothing(), rows)
         stored = result.rowcount if result.rowcount is not None and result.rowcount >= 0 else len(rows)
         return int(stored)
+
+    async def sweep(self, now: datetime) -> int:
+        """Decide the test cases whose deadline passed with nothing received; how many."""
+        async with self._lock, self.engine.begin() as conn:
+            outcome = await sweep_deadlines(conn, now=now)
+        self.stats.undelivered += outcome.undelivered
+        return outcome.undelivered
 
     async def _apply(self, conn: AsyncConnection, kind: str, message: Any, received_at: datetime) -> None:
         if kind == "dead":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from datetime import UTC, datetime
 
 from controller.clock_sync import ClockSync
 from controller.config import ControllerConfig
@@ -19,6 +20,16 @@ from probe_agent.protocol import Topics
 log = logging.getLogger(__name__)
 
 
+async def _sweep(ingest: Ingest, interval_s: float) -> None:
+    """Decide overdue test cases every ``interval_s``; a failed sweep is retried next time."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await ingest.sweep(datetime.now(UTC))
+        except Exception:
+            log.exception("deadline sweep failed; retrying in %.0f s", interval_s)
+
+
 async def serve(config: ControllerConfig, stop: asyncio.Event) -> None:
     """Run the controller until ``stop`` is set; every observation taken is written first."""
     engine = await open_database(config.database_url)
@@ -28,7 +39,11 @@ async def serve(config: ControllerConfig, stop: asyncio.Event) -> None:
     gc.set_threshold(50_000, 20, 20)
     topics = Topics(config.topic_prefix)
     ingest = Ingest(
-        engine, topics, batch_max=config.ingest.batch_max, flush_interval_s=config.ingest.flush_interval_s
+        engine,
+        topics,
+        batch_max=config.ingest.batch_max,
+        flush_interval_s=config.ingest.flush_interval_s,
+        grace_ms=config.correlation.grace_s * 1000.0,
     )
     link = ControllerLink(config.broker, topics, ingest.handle)
     ingest.on_failure = link.reconnect
@@ -37,6 +52,7 @@ async def serve(config: ControllerConfig, stop: asyncio.Event) -> None:
     tasks = [
         asyncio.create_task(link.run(), name="mqtt"),
         asyncio.create_task(clock.run(), name="clock sync"),
+        asyncio.create_task(_sweep(ingest, config.correlation.sweep_interval_s), name="deadline sweep"),
     ]
     log.info("controller serving (session %s)", link.session)
     try:

@@ -209,6 +209,41 @@ class ControllerStatus(Payload):
     at: AwareDatetime | None = Field(None, description="When published; none for a will.")
 
 
+#: An MCC-MNC: 3-digit country code and 2- or 3-digit network code, as the networks table keys them.
+MCC_MNC_PATTERN = r"^[0-9]{5,6}$"
+MccMnc = Annotated[str, Field(pattern=MCC_MNC_PATTERN)]
+
+
+class RouteChoice(Payload):
+    """One route's place in one network's routing: its share of traffic and why."""
+
+    route: str = Field(min_length=1, max_length=64, description="Route name, as the routes table has it.")
+    weight: float = Field(
+        ge=0.0, le=1.0, description="Share of this network's traffic to send on the route (weights sum to 1)."
+    )
+    score: float | None = Field(
+        None, ge=0.0, le=1.0, description="Composite score (1 best); none while the route is unknown."
+    )
+    role: Literal["primary", "backup", "exploration", "excluded"] = Field(
+        description="primary: carries the traffic; backup: failover order; exploration: a small share "
+        "so it keeps being measured; excluded: no traffic (disabled, or too bad)."
+    )
+    reason: str = Field(max_length=500, description="Why the route sits here, in words.")
+
+
+class RoutingTable(Payload):
+    """``controller/routing-table``, retained: per destination network, routes best first."""
+
+    version: int = Field(ge=1, description="Increases by one with every change of the table.")
+    created_at: AwareDatetime = Field(description="When this version was built.")
+    exploration_share: float = Field(
+        ge=0.0, le=1.0, description="Share of each network's traffic kept for routes being explored."
+    )
+    networks: dict[MccMnc, list[RouteChoice]] = Field(
+        default_factory=dict, description="Per MCC-MNC, the routes best first (failover order)."
+    )
+
+
 PAYLOADS: dict[str, type[Payload]] = {
     "status": AgentStatus,
     "modem_state": ModemState,
@@ -217,6 +252,7 @@ PAYLOADS: dict[str, type[Payload]] = {
     "request": CommandRequest,
     "response": CommandResponse,
     "controller_status": ControllerStatus,
+    "routing_table": RoutingTable,
 }
 
 
@@ -252,6 +288,7 @@ class Topics:
             (re.compile(rf"^{p}/agents/{seg}/request/([a-z-]+)$"), "request"),
             (re.compile(rf"^{p}/agents/{seg}/response/([a-z-]+)$"), "response"),
             (re.compile(rf"^{p}/controller/status$"), "controller_status"),
+            (re.compile(rf"^{p}/controller/routing-table$"), "routing_table"),
         ]
 
     def status(self, agent: str) -> str:
@@ -275,6 +312,9 @@ class Topics:
     def controller_status(self) -> str:
         return f"{self.prefix}/controller/status"
 
+    def routing_table(self) -> str:
+        return f"{self.prefix}/controller/routing-table"
+
     def agent_requests(self, agent: str) -> str:
         """Subscription filter of the requests addressed to one agent."""
         return f"{self.prefix}/agents/{_check(agent)}/request/+"
@@ -290,7 +330,7 @@ class Topics:
                 return Topic(kind, agent=groups[0], modem=groups[1])
             if kind in ("request", "response"):
                 return Topic(kind, agent=groups[0], command=groups[1])
-            if kind == "controller_status":
+            if kind in ("controller_status", "routing_table"):
                 return Topic(kind)
             return Topic(kind, agent=groups[0])
         return None

@@ -19,6 +19,8 @@ from probe_agent.protocol import (
     InvalidPayload,
     ModemState,
     Observation,
+    RouteChoice,
+    RoutingTable,
     SimIdentity,
     Topic,
     Topics,
@@ -71,6 +73,20 @@ GOLDEN = {
     "request": (T.request("pi-uk-1", "time"), CommandRequest(transaction="t1", data={"t1": NOW.isoformat()})),
     "response": (T.response("pi-uk-1", "time"), CommandResponse(transaction="t1", status="ok", data={})),
     "controller_status": (T.controller_status(), ControllerStatus(state="online", session="c1", at=NOW)),
+    "routing_table": (
+        T.routing_table(),
+        RoutingTable(
+            version=3,
+            created_at=NOW,
+            exploration_share=0.05,
+            networks={
+                "23415": [
+                    RouteChoice(route="direct", weight=0.95, score=0.91, role="primary", reason="best score"),
+                    RouteChoice(route="grey", weight=0.05, score=None, role="exploration", reason="unknown"),
+                ]
+            },
+        ),
+    ),
 }
 
 

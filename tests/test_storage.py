@@ -24,6 +24,7 @@ from controller.storage.db import (
     DatabaseUnavailable,
     async_url,
     downgrade,
+    head_revision,
     make_engine,
     masked,
     migrate,
@@ -80,7 +81,7 @@ def test_masked_hides_the_password() -> None:
 async def test_open_creates_every_table_at_head(database: AsyncEngine) -> None:
     async with database.connect() as conn:
         assert await conn.run_sync(_tables) == SCHEMA_TABLES | {"alembic_version"}
-        assert await conn.run_sync(_revision) == "0001"
+        assert await conn.run_sync(_revision) == head_revision()
 
 
 async def test_migrations_match_the_schema(database: AsyncEngine) -> None:
@@ -102,7 +103,7 @@ async def test_open_twice_is_a_no_op(
     engine = await open_database(database_url)
     try:
         async with engine.connect() as conn:
-            assert await conn.run_sync(_revision) == "0001"
+            assert await conn.run_sync(_revision) == head_revision()
             assert (await conn.execute(select(schema.agents.c.id))).scalars().all() == ["pi-1"]
     finally:
         await engine.dispose()
@@ -124,7 +125,7 @@ async def test_downgrade_to_base_and_up_again(database_url: str) -> None:
     try:
         async with engine.connect() as conn:
             assert await conn.run_sync(_tables) == SCHEMA_TABLES | {"alembic_version"}
-            assert await conn.run_sync(_revision) == "0001"
+            assert await conn.run_sync(_revision) == head_revision()
             assert await conn.run_sync(_schema_drift) == []
     finally:
         await engine.dispose()
@@ -162,7 +163,7 @@ async def test_controllers_starting_together_migrate_one_at_a_time(database_url:
     engine = make_engine(database_url)
     try:
         async with engine.connect() as conn:
-            assert await conn.run_sync(_revision) == "0001"
+            assert await conn.run_sync(_revision) == head_revision()
             assert await conn.run_sync(_schema_drift) == []
     finally:
         await engine.dispose()
@@ -177,7 +178,7 @@ async def test_one_process_opening_databases_together(database_url: str, tmp_pat
         assert len(engines) == len(urls), [repr(failure) for failure in opened if failure not in engines]
         for engine in engines:
             async with engine.connect() as conn:
-                assert await conn.run_sync(_revision) == "0001"
+                assert await conn.run_sync(_revision) == head_revision()
     finally:
         for engine in engines:
             await engine.dispose()

@@ -21,6 +21,7 @@ from weakref import WeakKeyDictionary
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, InvalidRequestError, OperationalError
@@ -179,6 +180,14 @@ def _process_lock() -> asyncio.Lock:
     # commands interleaving on one event loop, even on two databases, would break each other.
     loop = asyncio.get_running_loop()
     return _ALEMBIC_LOCKS.setdefault(loop, asyncio.Lock())
+
+
+def head_revision() -> str:
+    """The newest migration: what :func:`open_database` upgrades to."""
+    head = ScriptDirectory.from_config(Config(str(MIGRATIONS / "alembic.ini"))).get_current_head()
+    if head is None:
+        raise RuntimeError(f"no migrations in {MIGRATIONS}")
+    return head
 
 
 async def _alembic(engine: AsyncEngine, action: Callable[[Config], None]) -> None:

@@ -162,7 +162,15 @@ test_cases = Table(
     _ts("submit_acked_at"),
     Column("message_id", String(64), comment="The route's id of the submitted message."),
     _ts("deadline_at", nullable=False),
-    Column("status", String(16), nullable=False, comment="scheduled, submitted, done, failed"),
+    Column(
+        "status",
+        String(16),
+        nullable=False,
+        comment="scheduled, submitted, done (a result exists), failed (submit refused), skipped (probe "
+        "offline or unregistered at send time: not counted against the route, nothing spent)",
+    ),
+    Column("price", Float, comment="What the route charges for this message, counted against budgets."),
+    Column("error", Text, comment="Why the test was skipped or its submit failed."),
 )
 Index("ix_test_cases_imsi_submitted", test_cases.c.imsi, test_cases.c.submitted_at)
 Index("ix_test_cases_route_message", test_cases.c.route, test_cases.c.message_id)
@@ -221,6 +229,15 @@ results = Table(
     Column("receipt_honest", Boolean),
     Column("parts", Integer),
     _ts("decided_at", nullable=False),
+    Column("observation_id", String(64), comment="The observation that delivered it, if any."),
+    Column("match_kind", String(8), comment="token or fuzzy (the token did not survive)."),
+    _ts("arrived_at"),
+    Column("last_part_ms", Float, comment="First URC to the last part complete."),
+    Column("sender_sent", String(16)),
+    Column("sim_box", Boolean, comment="A local subscriber number replaced an alphanumeric sender."),
+    Column("parts_expected", Integer),
+    Column("flags", JSON, nullable=False, default=list, comment="late, content_altered, fake_receipt, ..."),
+    Column("notes", JSON, nullable=False, default=list, comment="Why things are as they are, in words."),
 )
 Index("ix_results_route_network_decided", results.c.route, results.c.mcc_mnc, results.c.decided_at)
 
@@ -244,6 +261,31 @@ routing_tables = Table(
     Column("table", JSON, nullable=False),
 )
 
+conversions = Table(
+    "conversions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("message_id", String(64), nullable=False, comment="The sender's message id."),
+    Column("route", String(64), nullable=False),
+    Column("mcc_mnc", String(6), nullable=False),
+    Column("converted", Boolean, nullable=False),
+    _ts("at", nullable=False),
+    _ts("received_at", nullable=False),
+)
+Index("ix_conversions_route_network_at", conversions.c.route, conversions.c.mcc_mnc, conversions.c.at)
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("token_hash", String(64), nullable=False, unique=True, comment="SHA-256 hex of the token."),
+    Column("role", String(16), nullable=False, comment="viewer, operator or admin"),
+    _ts("created_at", nullable=False),
+    _ts("last_used_at"),
+    Column("revoked", Boolean, nullable=False, default=False),
+)
+
 dead_letters = Table(
     "dead_letters",
     metadata,
@@ -258,7 +300,9 @@ dead_letters = Table(
 __all__ = [
     "UTCDateTime",
     "agents",
+    "api_tokens",
     "campaigns",
+    "conversions",
     "dead_letters",
     "metadata",
     "networks",
