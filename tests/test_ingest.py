@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from controller.service import serve
 from controller.storage import schema as s
 from controller.storage.db import make_engine
 from probe_agent.protocol import AgentStatus, ClockState, ModemState, Observation, SimIdentity, Topics
-from tests.mosquitto import Mosquitto, connected_client, require_mosquitto
+from tests.mosquitto import Mosquitto, Recorder, connected_client, require_mosquitto
 
 T = Topics()
 NOW = datetime.now(UTC)
@@ -77,24 +77,35 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     await eng.dispose()
 
 
+def onlines(recorder: Recorder) -> int:
+    """How many times a controller announced itself online (it subscribes before it does)."""
+    return sum(b'"online"' in p for p in recorder.payloads("/controller/status"))
+
+
 @pytest.fixture
 async def controller(
     tmp_path: Path,
     mosquitto: Mosquitto,
     database_url: str,
-) -> AsyncIterator[Callable[[], asyncio.Event]]:
+) -> AsyncIterator[Callable[[], Awaitable[asyncio.Event]]]:
+    """Starts a controller in this process; each start returns once it is subscribed (its
+    status says online), however slowly the machine migrates the database."""
     stops: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
     config = load(controller_toml(tmp_path / "controller.toml", mosquitto, database_url))
+    recorder = Recorder(mosquitto, [T.controller_status()])
 
-    def start() -> asyncio.Event:
+    async def start() -> asyncio.Event:
+        before = onlines(recorder)
         stop = asyncio.Event()
         stops.append((stop, asyncio.create_task(serve(config, stop))))
+        await asyncio.to_thread(recorder.wait_for, lambda _: onlines(recorder) > before, 60.0)
         return stop
 
     yield start
     for stop, task in stops:
         stop.set()
         await asyncio.wait_for(task, 30)
+    recorder.close()
 
 
 async def count(engine: AsyncEngine, table: Any) -> int:
@@ -110,10 +121,9 @@ async def wait_for(check: Callable[[], Any], timeout_s: float = 15.0) -> None:
 
 
 async def test_valid_stored_once_invalid_dead_lettered(
-    mosquitto: Mosquitto, controller: Callable[[], asyncio.Event], engine: AsyncEngine
+    mosquitto: Mosquitto, controller: Callable[[], Awaitable[asyncio.Event]], engine: AsyncEngine
 ) -> None:
-    controller()
-    await asyncio.sleep(0.5)
+    await controller()
     pub = connected_client(mosquitto)
     for i in range(50):
         pub.publish(T.sms("pi-uk-1"), observation(i).to_json(), qos=1)
@@ -145,10 +155,9 @@ async def test_valid_stored_once_invalid_dead_lettered(
 
 
 async def test_agent_status_follows_sessions_and_ignores_a_late_will(
-    mosquitto: Mosquitto, controller: Callable[[], asyncio.Event], engine: AsyncEngine
+    mosquitto: Mosquitto, controller: Callable[[], Awaitable[asyncio.Event]], engine: AsyncEngine
 ) -> None:
-    controller()
-    await asyncio.sleep(0.5)
+    await controller()
     pub = connected_client(mosquitto)
     old = AgentStatus(state="online", agent="pi-1", session="old", version="1", started_at=NOW, at=NOW)
     new = AgentStatus(
@@ -181,10 +190,9 @@ async def test_agent_status_follows_sessions_and_ignores_a_late_will(
 
 
 async def test_probe_moves_and_sim_changes_are_noticed(
-    mosquitto: Mosquitto, controller: Callable[[], asyncio.Event], engine: AsyncEngine
+    mosquitto: Mosquitto, controller: Callable[[], Awaitable[asyncio.Event]], engine: AsyncEngine
 ) -> None:
-    controller()
-    await asyncio.sleep(0.5)
+    await controller()
     pub = connected_client(mosquitto)
 
     def state(agent: str, modem: str, imsi: str) -> bytes:
@@ -233,8 +241,10 @@ def test_controller_killed_and_restarted_while_agents_publish_loses_nothing(
             stderr=open(tmp_path / "controller.log", "ab"),
         )
 
+    recorder = Recorder(mosquitto, [T.controller_status()])
     proc = start()
-    time.sleep(2.0)  # its persistent session exists at the broker from here on
+    # Online once subscribed: its persistent session exists at the broker from here on.
+    recorder.wait_for(lambda _: onlines(recorder) > 0, 60.0)
     pub = connected_client(mosquitto)
     total = 1500
     done = threading.Event()
@@ -268,10 +278,14 @@ def test_controller_killed_and_restarted_while_agents_publish_loses_nothing(
     assert proc.wait(30) == 0
     assert asyncio.run(stored()) == total
     pub.loop_stop()
+    recorder.close()
 
 
 async def test_a_failed_write_is_retried_through_the_broker(
-    tmp_path: Path, mosquitto: Mosquitto, controller: Callable[[], asyncio.Event], engine: AsyncEngine
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    controller: Callable[[], Awaitable[asyncio.Event]],
+    engine: AsyncEngine,
 ) -> None:
     """The database refuses writes for a while (SQLite locked past its busy timeout): nothing was
     acknowledged, so after the controller reconnects the broker resends and all are stored."""
@@ -279,8 +293,7 @@ async def test_a_failed_write_is_retried_through_the_broker(
         pytest.skip("locking the whole database from outside is a SQLite test")
     import sqlite3
 
-    controller()
-    await asyncio.sleep(0.5)
+    await controller()
     path = engine.url.database
     assert path is not None
     blocker = sqlite3.connect(path, isolation_level=None)
