@@ -1,7 +1,9 @@
 """``probe-fleet``: the controller's command line.
 
 ``serve`` runs the controller, ``check`` validates its config, ``demo`` runs the demo (until the
-simulated network lands: the modem-layer demo), ``version``.
+simulated network lands: the modem-layer demo), ``version``; ``token add|list|revoke`` manages the
+REST API's tokens; ``export routing-table --format json|csv`` writes the routing table from the
+database, without a running server.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import argparse
 import asyncio
 import signal
 import sys
+from pathlib import Path
 
 from controller import config as config_module
+from controller.api.tokens import ROLES
 from probe_agent import __version__, modem_demo
 from probe_agent.config import ConfigError
 
@@ -28,6 +32,7 @@ def _load(path: str) -> config_module.ControllerConfig | None:
 
 
 async def _serve(config: config_module.ControllerConfig) -> int:
+    from controller.api.app import ApiStartError
     from controller.service import serve
     from controller.storage.db import DatabaseUnavailable
 
@@ -37,10 +42,102 @@ async def _serve(config: config_module.ControllerConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await serve(config, stop)
-    except DatabaseUnavailable as exc:
+    except (DatabaseUnavailable, ApiStartError) as exc:
         print(f"probe-fleet: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+async def _token(config: config_module.ControllerConfig, args: argparse.Namespace) -> int:
+    from controller.api import tokens
+    from controller.storage.db import DatabaseUnavailable, open_database
+
+    try:
+        engine = await open_database(config.database_url)
+    except DatabaseUnavailable as exc:
+        print(f"probe-fleet: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if args.action == "add":
+            token = await tokens.add_token(engine, args.name, args.role)
+            print(token)
+            print(f"token {args.name!r} ({args.role}): keep it now, it is not shown again", file=sys.stderr)
+        elif args.action == "list":
+            for info in await tokens.list_tokens(engine):
+                used = info.last_used_at.isoformat() if info.last_used_at else "never"
+                state = "revoked" if info.revoked else "live"
+                print(
+                    f"{info.name}\t{info.role}\t{state}\tcreated {info.created_at.isoformat()}\tused {used}"
+                )
+        else:
+            await tokens.revoke_token(engine, args.name)
+            print(f"token {args.name!r} revoked")
+    except tokens.TokenError as exc:
+        print(f"probe-fleet: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await engine.dispose()
+    return 0
+
+
+async def _export(config: config_module.ControllerConfig, args: argparse.Namespace) -> int:
+    from controller import routing
+    from controller.storage.db import DatabaseUnavailable, open_database
+
+    try:
+        engine = await open_database(config.database_url)
+    except DatabaseUnavailable as exc:
+        print(f"probe-fleet: {exc}", file=sys.stderr)
+        return 1
+    try:
+        async with engine.connect() as conn:
+            table = await (
+                routing.latest(conn) if args.version is None else routing.version(conn, args.version)
+            )
+    finally:
+        await engine.dispose()
+    if table is None:
+        which = "no routing table yet" if args.version is None else f"no routing table version {args.version}"
+        print(f"probe-fleet: {which} (the controller builds one from the scores)", file=sys.stderr)
+        return 1
+    text = routing.table_csv(table) if args.format == "csv" else routing.table_json(table) + "\n"
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        try:
+            await asyncio.to_thread(Path(args.output).write_text, text, encoding="utf-8", newline="")
+        except OSError as exc:
+            print(f"probe-fleet: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+            return 1
+        print(f"routing table version {table.version} written to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _export_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    export = sub.add_parser("export", help="export data from the database, no server needed")
+    what = export.add_subparsers(dest="what", required=True)
+    table = what.add_parser("routing-table", help="the current routing table (or a given version)")
+    table.add_argument("--format", choices=("json", "csv"), default="json")
+    table.add_argument("--version", type=int, help="a past version (default: the newest)")
+    table.add_argument("--output", "-o", help="file to write (default: standard output)")
+    table.add_argument(
+        "--config", default="controller.toml", help="controller.toml (default: ./controller.toml)"
+    )
+
+
+def _token_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    token = sub.add_parser("token", help="manage REST API tokens")
+    actions = token.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="make a token; it is printed once, only its SHA-256 is stored")
+    add.add_argument("name", help="who or what uses it, e.g. grafana")
+    add.add_argument("--role", required=True, choices=ROLES)
+    revoke = actions.add_parser("revoke", help="revoke a token by name")
+    revoke.add_argument("name")
+    listing = actions.add_parser("list", help="list tokens (names, roles, last use; never the tokens)")
+    for cmd in (add, revoke, listing):
+        cmd.add_argument(
+            "--config", default="controller.toml", help="controller.toml (default: ./controller.toml)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (("serve", "run the controller"), ("check", "validate a controller config")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--config", required=True, help="controller.toml")
+    _token_commands(sub)
+    _export_commands(sub)
     demo = sub.add_parser("demo", help="run the demo (for now: the modem-layer demo)")
     demo.add_argument("--profile", default="sim800l")
     demo.add_argument("--count", type=int)
@@ -58,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "version":
         print(__version__)
         return 0
+    if args.command == "token":
+        config = _load(args.config)
+        return EXIT_CONFIG if config is None else asyncio.run(_token(config, args))
+    if args.command == "export":
+        config = _load(args.config)
+        return EXIT_CONFIG if config is None else asyncio.run(_export(config, args))
     if args.command in ("serve", "check"):
         config = _load(args.config)
         if config is None:

@@ -52,14 +52,14 @@ class ScoringWeights(Strict):
     """Weights of the score's components; they need not sum to 1 (the score divides by the sum of
     the weights of the components that are known for a pair)."""
 
-    delivery: float = Field(0.40, ge=0, description="Delivery rate (the lower bound of its interval).")
-    latency: float = Field(0.15, ge=0, description="Latency p50 / p90 / p99 through the latency curve.")
+    delivery: float = Field(0.45, ge=0, description="Delivery rate (the lower bound of its interval).")
+    latency: float = Field(0.12, ge=0, description="Latency p50 / p90 / p99 through the latency curve.")
     sender: float = Field(0.10, ge=0, description="Sender ID kept as sent.")
     content: float = Field(0.08, ge=0, description="Text delivered unaltered.")
     receipts: float = Field(0.10, ge=0, description="Receipts that told the truth (fake ones weigh more).")
     grey: float = Field(0.07, ge=0, description="No grey-route signs (SIM-box sender, foreign SMSC).")
-    price: float = Field(0.05, ge=0, description="Cheapness relative to the cheapest route to the network.")
-    conversion: float = Field(0.05, ge=0, description="Conversion rate from the sender's feedback.")
+    price: float = Field(0.04, ge=0, description="Cheapness relative to the cheapest route to the network.")
+    conversion: float = Field(0.04, ge=0, description="Conversion rate from the sender's feedback.")
 
     @model_validator(mode="after")
     def _some_weight(self) -> ScoringWeights:
@@ -116,6 +116,12 @@ class RoutingConfig(Strict):
     stale_after_s: float = Field(
         6 * 3600.0, gt=0, description="A route whose newest result is older than this is explored, seconds."
     )
+    rebuild_interval_s: float = Field(
+        60.0,
+        gt=0,
+        description="How often the scores are recomputed and the table rebuilt (published when it "
+        "changed), seconds.",
+    )
 
 
 class ApiConfig(Strict):
@@ -167,6 +173,56 @@ class CorrelationConfig(Strict):
     )
 
 
+class ScheduleConfig(Strict):
+    """The scheduler: campaign rounds (persisted APScheduler jobs) and the dispatch of due tests."""
+
+    enabled: bool = Field(
+        True,
+        description="Plan and submit tests in this controller; with several controller instances on one "
+        "database, enable it in exactly one (rounds are not shared out between instances).",
+    )
+    deadline_s: float = Field(
+        600.0,
+        gt=0,
+        le=86400.0,
+        description="A test with no SMS this long after its submit is not delivered, seconds; a campaign "
+        "may override it.",
+    )
+    dispatch_interval_s: float = Field(
+        1.0, gt=0, le=60.0, description="How often due tests are looked for and submitted, seconds."
+    )
+    sync_interval_s: float = Field(
+        10.0,
+        gt=0,
+        description="How often the campaign jobs are reconciled with the campaigns table, seconds.",
+    )
+    misfire_grace_s: float = Field(
+        300.0,
+        gt=0,
+        description="A round due while the controller was stopped still runs if at most this late, "
+        "seconds; later, missed rounds are dropped and the campaign waits for its next one.",
+    )
+    late_submit_s: float = Field(
+        60.0,
+        gt=0,
+        description="A test not submitted within this many seconds of its planned time (controller "
+        "stopped) is skipped, not sent late, so a restart does not burst the probes.",
+    )
+    retry_after_s: float = Field(
+        30.0,
+        gt=0,
+        description="A submit refused with a retryable error is tried once more after this many seconds, "
+        "if that is still within the campaign's cadence and allowed hours.",
+    )
+    submit_timeout_s: float = Field(
+        30.0, gt=0, description="Longest wait for the sender to accept one submit, seconds."
+    )
+    max_concurrent_submits: int = Field(
+        8, ge=1, description="Submits in flight at once, so a slow route does not delay the others."
+    )
+    dispatch_batch: int = Field(200, ge=1, description="Most due tests taken in one dispatch pass.")
+
+
 class ControllerConfig(Strict):
     """``controller.toml``."""
 
@@ -184,6 +240,9 @@ class ControllerConfig(Strict):
     routing: RoutingConfig = Field(RoutingConfig(), description="The routing table built from the scores.")
     time_exchange_interval_s: float = Field(
         300.0, gt=0, description="How often each online agent's clock offset is measured, seconds."
+    )
+    schedule: ScheduleConfig = Field(
+        ScheduleConfig(), description="Campaign scheduling and the submit of due tests."
     )
     api: ApiConfig = Field(ApiConfig(), description="The REST API: listen address, paging, tokens.")
 

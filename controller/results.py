@@ -46,9 +46,10 @@ from probe_agent.protocol import ClockState, Observation
 
 log = logging.getLogger(__name__)
 
-#: Test-case states that can receive an observation: submitted (waiting) or done (a result
+#: Test-case states that can receive an observation: submitting or submitted (waiting; a fast
+#: route can deliver before the submit is acknowledged) or done (a result
 #: exists: a late delivery replaces "not delivered", a second one is a duplicate).
-OPEN_STATES = ("submitted", "done")
+OPEN_STATES = ("submitting", "submitted", "done")
 #: Columns of ``results`` that ``correlation.Result`` fills.
 _RESULT_COLUMNS = frozenset(c.name for c in s.results.columns)
 

@@ -1,21 +1,28 @@
-"""The controller service process: database, MQTT link and ingest, until stopped.
-
-Scheduling, correlation, scoring, the routing table and the web API join this as they land.
+"""The controller service process, until stopped: the database, the MQTT link with ingest and
+correlation, the deadline sweep, clock sync, the scheduler, score recomputes with the routing
+table published on change, and the REST API.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 from datetime import UTC, datetime
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from controller import routing
+from controller.api.app import serving
 from controller.clock_sync import ClockSync
 from controller.config import ControllerConfig
 from controller.ingest import Ingest
 from controller.mqtt import ControllerLink
+from controller.schedule import Scheduler
 from controller.storage.db import open_database
-from probe_agent.protocol import Topics
+from controller.submit import NoSender, Submitter
+from probe_agent.protocol import RoutingTable, Topics
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +37,40 @@ async def _sweep(ingest: Ingest, interval_s: float) -> None:
             log.exception("deadline sweep failed; retrying in %.0f s", interval_s)
 
 
-async def serve(config: ControllerConfig, stop: asyncio.Event) -> None:
-    """Run the controller until ``stop`` is set; every observation taken is written first."""
+async def _routing(
+    engine: AsyncEngine, config: ControllerConfig, link: ControllerLink, topics: Topics
+) -> None:
+    """Recompute the scores and rebuild the routing table every interval; publish the current
+    version (retained) until the broker has it, so a table built while the broker was away goes
+    out once it is back. A failed rebuild is logged and retried at the next interval."""
+    loop = asyncio.get_running_loop()
+    interval_s = config.routing.rebuild_interval_s
+    table: RoutingTable | None = None
+    published: int | None = None
+    next_rebuild = loop.time()
+    while True:
+        if loop.time() >= next_rebuild:
+            next_rebuild = loop.time() + interval_s
+            try:
+                table, _ = await routing.rebuild(engine, config.scoring, config.routing, datetime.now(UTC))
+            except Exception:
+                log.exception("rebuilding the routing table failed; retrying in %.0f s", interval_s)
+        if table is not None and table.version != published:
+            payload = routing.table_json(table).encode()
+            if await link.publish(topics.routing_table(), payload, qos=1, retain=True):
+                published = table.version
+                log.info("routing table version %d published", table.version)
+        waiting = table is not None and table.version != published
+        await asyncio.sleep(1.0 if waiting else max(0.0, next_rebuild - loop.time()))
+
+
+async def serve(config: ControllerConfig, stop: asyncio.Event, submitter: Submitter | None = None) -> None:
+    """Run the controller until ``stop`` is set; every observation taken is written first.
+
+    ``submitter`` sends the scheduled tests (the bundled sender); without one they are planned
+    and refused at submit, each with that reason. Raises ``DatabaseUnavailable`` or
+    ``ApiStartError`` when it cannot start.
+    """
     engine = await open_database(config.database_url)
     # Ingest keeps many short-lived objects in flight; the default collector thresholds made
     # full collections a third of its CPU (bench/ingest.py). Start-up objects are frozen out of it.
@@ -49,19 +88,31 @@ async def serve(config: ControllerConfig, stop: asyncio.Event) -> None:
     ingest.on_failure = link.reconnect
     clock = ClockSync(engine, link, topics, config.time_exchange_interval_s)
     ingest.on_response = clock.on_response
-    tasks = [
-        asyncio.create_task(link.run(), name="mqtt"),
-        asyncio.create_task(clock.run(), name="clock sync"),
-        asyncio.create_task(_sweep(ingest, config.correlation.sweep_interval_s), name="deadline sweep"),
-    ]
-    log.info("controller serving (session %s)", link.session)
-    try:
-        await stop.wait()
-    finally:
-        await link.stop()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await ingest.close()
-        await engine.dispose()
-        log.info("controller stopped")
+    tasks: list[asyncio.Task[None]] = []
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(engine.dispose)
+        if config.api.enabled:
+            urls = await stack.enter_async_context(serving(engine, config))
+            log.info("REST API at %s", ", ".join(urls))
+        if config.schedule.enabled:
+            if submitter is None:
+                log.warning("no sender connected: scheduled tests will be refused at submit")
+            scheduler = Scheduler(engine, config.schedule, submitter or NoSender(), config.database_url)
+            await scheduler.start()
+            stack.push_async_callback(scheduler.stop)
+        tasks += [
+            asyncio.create_task(link.run(), name="mqtt"),
+            asyncio.create_task(clock.run(), name="clock sync"),
+            asyncio.create_task(_sweep(ingest, config.correlation.sweep_interval_s), name="deadline sweep"),
+            asyncio.create_task(_routing(engine, config, link, topics), name="routing table"),
+        ]
+        log.info("controller serving (session %s)", link.session)
+        try:
+            await stop.wait()
+        finally:
+            await link.stop()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await ingest.close()
+    log.info("controller stopped")

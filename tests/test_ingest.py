@@ -43,6 +43,7 @@ def controller_toml(path: Path, broker: Mosquitto, url: str) -> Path:
     path.write_text(
         f'database_url = "{url}"\n[broker]\nhost = "127.0.0.1"\nport = {broker.port}\n'
         f'client_id = "controller-test"\nreconnect_initial_s = 0.2\nreconnect_max_s = 1.0\n'
+        "[api]\nport = 0\n"
     )
     return path
 

@@ -26,6 +26,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    Unicode,
 )
 from sqlalchemy.engine import Dialect
 
@@ -166,14 +167,20 @@ test_cases = Table(
         "status",
         String(16),
         nullable=False,
-        comment="scheduled, submitted, done (a result exists), failed (submit refused), skipped (probe "
-        "offline or unregistered at send time: not counted against the route, nothing spent)",
+        comment="scheduled, submitting (claimed by the dispatcher, submit in flight), submitted, done (a "
+        "result exists), failed (submit refused), skipped (probe offline or unregistered at send time, "
+        "or its time missed: not counted against the route, nothing spent)",
     ),
     Column("price", Float, comment="What the route charges for this message, counted against budgets."),
     Column("error", Text, comment="Why the test was skipped or its submit failed."),
 )
 Index("ix_test_cases_imsi_submitted", test_cases.c.imsi, test_cases.c.submitted_at)
 Index("ix_test_cases_route_message", test_cases.c.route, test_cases.c.message_id)
+#: The scheduler's lookups: due tests (every second), a campaign's recent tests (budgets, pending
+#: pairs, template turns), a probe's last test (which probe of a network goes next).
+Index("ix_test_cases_status_scheduled", test_cases.c.status, test_cases.c.scheduled_at)
+Index("ix_test_cases_campaign_scheduled", test_cases.c.campaign_id, test_cases.c.scheduled_at)
+Index("ix_test_cases_imsi_scheduled", test_cases.c.imsi, test_cases.c.scheduled_at)
 
 observations = Table(
     "observations",
@@ -297,6 +304,18 @@ dead_letters = Table(
     Column("payload", LargeBinary, nullable=False),
 )
 
+#: APScheduler's job store (``SQLAlchemyJobStore(tablename="scheduler_jobs")``), defined here so that
+#: our migrations own it: the columns are exactly the ones APScheduler 3 creates (191 characters is
+#: the longest indexable key in MySQL's utf8mb4, Float(25) an 8-byte float). One row per campaign:
+#: ``next_run_time`` in seconds since the epoch (UTC), ``job_state`` the pickled job.
+scheduler_jobs = Table(
+    "scheduler_jobs",
+    metadata,
+    Column("id", Unicode(191), primary_key=True),
+    Column("next_run_time", Float(25), index=True),
+    Column("job_state", LargeBinary, nullable=False),
+)
+
 __all__ = [
     "UTCDateTime",
     "agents",
@@ -313,6 +332,7 @@ __all__ = [
     "results",
     "routes",
     "routing_tables",
+    "scheduler_jobs",
     "scores",
     "test_cases",
 ]
