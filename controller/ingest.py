@@ -25,7 +25,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from controller.correlation import DEFAULT_GRACE_MS
-from controller.results import match_new_observations, sweep_deadlines
+from controller.results import match_new_observations, sweep_deadlines, text_column
 from controller.storage import schema as s
 from probe_agent.protocol import (
     AgentStatus,
@@ -99,6 +99,13 @@ class Ingest:
         """Take one MQTT message; ``ack`` is called once it is durably handled."""
         try:
             parsed, message = decode(self.topics, topic, payload)
+            claimed = getattr(message, "agent", None)
+            if parsed.agent is not None and claimed is not None and claimed != parsed.agent:
+                # The broker's ACL vouches for the topic, not for the payload: an agent may only
+                # speak for itself.
+                raise InvalidPayload(
+                    topic, f"agent {claimed!r} in a payload on agent {parsed.agent!r}'s topic"
+                )
         except InvalidPayload as exc:
             where = self.topics.parse(topic)
             agent = where.agent if where else None
@@ -184,9 +191,9 @@ class Ingest:
                 "agent_id": obs.agent,
                 "modem_id": obs.modem,
                 "imsi": obs.sim.imsi,
-                "sender": obs.sender,
-                "text": obs.text,
-                "smsc": obs.smsc,
+                "sender": text_column(obs.sender),
+                "text": text_column(obs.text),
+                "smsc": text_column(obs.smsc),
                 "urc_at": obs.urc_at,
                 "ingested_at": pending.observations[obs.id][1],
                 "test_case_id": marks[obs.id][0],

@@ -68,6 +68,12 @@ class Outcome:
     results: list[Result] = field(default_factory=list)
 
 
+def text_column(value: str | None) -> str | None:
+    """``value`` as a text column can hold it: PostgreSQL refuses NUL characters (a UCS-2 SMS
+    may carry U+0000), so they become U+FFFD; the payload column keeps the original."""
+    return value.replace("\x00", "\ufffd") if value else value
+
+
 def _insert(conn: AsyncConnection) -> Any:
     return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
 
@@ -90,6 +96,8 @@ def _case(row: Any) -> TestCase:
 def result_row(result: Result) -> dict[str, Any]:
     """The ``results`` row of a decision."""
     row = {k: v for k, v in asdict(result).items() if k in _RESULT_COLUMNS}
+    for name in ("sender_received", "smsc", "content_diff"):
+        row[name] = text_column(row[name])
     row["flags"] = list(result.flags)
     row["notes"] = list(result.notes)
     return row
@@ -275,6 +283,21 @@ async def sweep_deadlines(conn: AsyncConnection, *, now: datetime, limit: int = 
     )
     if not rows:
         return outcome
+    # Claim them first: a controller that matched one of them meanwhile made it done, and its
+    # delivery must not be overwritten with "not delivered".
+    claimed = set(
+        (
+            await conn.execute(
+                update(s.test_cases)
+                .where(
+                    and_(s.test_cases.c.id.in_([r.id for r in rows]), s.test_cases.c.status == "submitted")
+                )
+                .values(status="done")
+                .returning(s.test_cases.c.id)
+            )
+        ).scalars()
+    )
+    rows = [r for r in rows if r.id in claimed]
     receipts = await _receipts(conn, rows)
     for row in rows:
         result = decide(_case(row), None, decided_at=now, receipts=receipts.get(row.id, ()))
@@ -287,7 +310,9 @@ async def sweep_deadlines(conn: AsyncConnection, *, now: datetime, limit: int = 
             extra={"route": row.route, "test_case": row.id},
         )
     outcome.undelivered = len(rows)
-    await _upsert_results(conn, outcome.results)
+    if outcome.results:
+        statement = _insert(conn)(s.results).on_conflict_do_nothing(index_elements=["test_case_id"])
+        await conn.execute(statement, [result_row(r) for r in outcome.results])
     return outcome
 
 

@@ -1153,6 +1153,13 @@ class Scheduler:
             result = await conn.execute(
                 update(tc).where(and_(tc.c.id == claim.id, tc.c.status == "submitting")).values(**values)
             )
+            if result.rowcount != 1 and values["status"] == "submitted":
+                # Delivered before the route acknowledged the submit (ingest already made it done):
+                # keep the submit's message id and times, for its receipts, without undoing that.
+                others = {k: v for k, v in values.items() if k != "status"}
+                result = await conn.execute(
+                    update(tc).where(and_(tc.c.id == claim.id, tc.c.status == "done")).values(**others)
+                )
         if result.rowcount != 1:
             bind(log, route=claim.route, test_id=claim.id).warning(
                 "test left 'submitting' before its outcome (%s) was written", values["status"]

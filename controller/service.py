@@ -110,9 +110,11 @@ async def serve(config: ControllerConfig, stop: asyncio.Event, submitter: Submit
         try:
             await stop.wait()
         finally:
+            # Write and acknowledge what was taken while still connected, then disconnect: what
+            # arrives meanwhile stays unacknowledged and comes again after a restart.
+            await ingest.close()
             await link.stop()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await ingest.close()
     log.info("controller stopped")

@@ -42,3 +42,21 @@ def test_serve_with_an_unreachable_database_is_a_clear_error(tmp_path: Path) -> 
     assert proc.returncode == 1
     assert "cannot open database postgresql://probe:***@127.0.0.1" in proc.stderr
     assert "secret" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_readme_controller_example_is_a_valid_config(tmp_path: Path) -> None:
+    """The README shows controller.toml; it must stay a config ``check`` accepts (the secret and
+    CA files it names are written here, as an operator would have them)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start = readme.index("# controller.toml:")
+    example = readme[start : readme.index("```", start)]
+    password, ca = tmp_path / "mqtt-password", tmp_path / "ca.pem"
+    password.write_text("secret\n")
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    example = example.replace("/etc/probe-fleet/mqtt-password", str(password))
+    example = example.replace("/etc/probe-fleet/ca.pem", str(ca))
+    assert "[scoring.weights]" in example and "[routing]" in example
+    config = tmp_path / "controller.toml"
+    config.write_text(example)
+    proc = run("check", "--config", str(config))
+    assert proc.returncode == 0, proc.stderr

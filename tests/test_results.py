@@ -311,3 +311,48 @@ async def test_many_tests_in_one_batch_each_find_their_own(database: AsyncEngine
     for i in (0, 17, 39):
         r = await result(database, i + 1)
         assert r is not None and r.latency_ms == pytest.approx(3_000.0 - 250.0)
+
+
+async def test_a_payload_speaking_for_another_agent_is_dead_lettered(database: AsyncEngine) -> None:
+    """The broker's ACL only vouches for the topic: pi-uk-2 publishing an observation that claims
+    to come from pi-uk-1 is refused, kept with its reason, and counted against pi-uk-2."""
+    await seed(database, [case(1, TOKEN_A)])
+    ingest_ = Ingest(database, T)
+    forged = observation("forged", render(TOKEN_A, "otp"), after_ms=1_000.0)
+    await ingest_.handle(T.sms("pi-uk-2"), forged.to_json(), SUBMIT, lambda: None)
+    await ingest_.flush()
+    assert await marks(database) == {} and await result(database, 1) is None
+    async with database.connect() as conn:
+        dead = (await conn.execute(select(s.dead_letters))).one()
+        invalid = (await conn.execute(select(s.agents.c.id, s.agents.c.invalid_payloads))).all()
+    assert "agent 'pi-uk-1'" in dead.error and dead.topic == T.sms("pi-uk-2")
+    assert [tuple(r) for r in invalid] == [("pi-uk-2", 1)]
+
+
+async def test_nul_characters_are_stored_on_every_database(database: AsyncEngine) -> None:
+    """A UCS-2 SMS may carry U+0000, which PostgreSQL text columns refuse: the column gets U+FFFD,
+    the payload keeps what arrived, and the batch is not lost."""
+    await seed(database, [case(1, TOKEN_A)])
+    await ingest(
+        database,
+        observation("nul", "spam\x00text", after_ms=1_000.0, sender="PRIZE\x00"),
+        observation("o1", render(TOKEN_A, "otp"), after_ms=2_000.0),
+    )
+    async with database.connect() as conn:
+        row = (await conn.execute(select(s.observations).where(s.observations.c.id == "nul"))).one()
+    assert row.text == "spam\ufffdtext" and row.sender == "PRIZE\ufffd"
+    assert row.payload["text"] == "spam\x00text"
+    assert (await marks(database))["o1"] == (1, "token")
+
+
+async def test_the_sweep_never_overwrites_a_delivery(database: AsyncEngine) -> None:
+    """Another controller matched the SMS between this sweep's read and its write: the test is
+    already done, so the sweep leaves its delivered result alone."""
+    await seed(database, [case(1, TOKEN_A), case(2, TOKEN_B)])
+    await ingest(database, observation("o1", render(TOKEN_A, "otp"), after_ms=2_000.0))
+    async with database.begin() as conn:  # as if the other controller's status write were late
+        await conn.execute(s.test_cases.update().where(s.test_cases.c.id == 1).values(status="submitted"))
+    assert await Ingest(database, T).sweep(SUBMIT + timedelta(minutes=11)) == 2
+    delivered, lost = await result(database, 1), await result(database, 2)
+    assert delivered is not None and delivered.delivered and delivered.observation_id == "o1"
+    assert lost is not None and not lost.delivered
