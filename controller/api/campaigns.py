@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from controller.api.errors import ApiError, bad_request, conflict, not_found
 from controller.api.inputs import Text, no_nulls, path_id
 from controller.api.ops import Call, In, Operation, Out, id_param
-from controller.api.paging import Order, Page, PageQuery, fetch_page
+from controller.api.paging import Order, Page, PageQuery, where_given
 from controller.campaigns import CampaignDefinition
 from controller.storage import schema as s
 
@@ -92,13 +92,10 @@ async def _get(conn: AsyncConnection, campaign_id: int) -> CampaignOut:
 async def list_campaigns(call: Call) -> CampaignPage:
     """Campaigns, by id."""
     query = call.query(CampaignsQuery)
-    statement = select(s.campaigns)
-    if query.paused is not None:
-        statement = statement.where(s.campaigns.c.paused == query.paused)
-    limit = call.page_size(query)
-    async with call.engine.connect() as conn:
-        rows, total, cursor = await fetch_page(conn, statement, Order((s.campaigns.c.id,)), query, limit)
-    return call.page(CampaignPage, [CampaignOut.from_row(r) for r in rows], total, limit, cursor)
+    statement = where_given(select(s.campaigns), (s.campaigns.c.paused, query.paused))
+    return await call.list_page(
+        CampaignPage, statement, Order((s.campaigns.c.id,)), query, CampaignOut.from_row
+    )
 
 
 async def get_campaign(call: Call) -> CampaignOut:

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from controller.api.errors import conflict, not_found
 from controller.api.inputs import Text, path_text
 from controller.api.ops import Call, In, Operation, Out, string_param
-from controller.api.paging import Order, Page, PageQuery, fetch_page
+from controller.api.paging import Order, Page, PageQuery, where_given
 from controller.storage import schema as s
 from probe_agent.protocol import ID_PATTERN, MCC_MNC_PATTERN, MccMnc
 
@@ -146,13 +146,8 @@ class NetworkPage(Page[NetworkOut]):
 async def list_agents(call: Call) -> AgentPage:
     """Agents, by id."""
     query = call.query(AgentsQuery)
-    statement = select(s.agents)
-    if query.state is not None:
-        statement = statement.where(s.agents.c.state == query.state)
-    limit = call.page_size(query)
-    async with call.engine.connect() as conn:
-        rows, total, cursor = await fetch_page(conn, statement, Order((s.agents.c.id,)), query, limit)
-    return call.page(AgentPage, [AgentOut.from_row(r) for r in rows], total, limit, cursor)
+    statement = where_given(select(s.agents), (s.agents.c.state, query.state))
+    return await call.list_page(AgentPage, statement, Order((s.agents.c.id,)), query, AgentOut.from_row)
 
 
 async def get_agent(call: Call) -> AgentDetail:
@@ -171,17 +166,14 @@ async def get_agent(call: Call) -> AgentDetail:
 async def list_probes(call: Call) -> ProbePage:
     """Probes, by IMSI."""
     query = call.query(ProbesQuery)
-    statement = select(s.probes)
-    if query.agent is not None:
-        statement = statement.where(s.probes.c.agent_id == query.agent)
-    if query.mcc_mnc is not None:
-        statement = statement.where(s.probes.c.mcc_mnc == query.mcc_mnc)
-    if query.connected is not None:
-        statement = statement.where(s.probes.c.connected == query.connected)
-    limit = call.page_size(query)
-    async with call.engine.connect() as conn:
-        rows, total, cursor = await fetch_page(conn, statement, Order((s.probes.c.imsi,)), query, limit)
-    return call.page(ProbePage, [ProbeOut.from_row(r) for r in rows], total, limit, cursor)
+    p = s.probes.c
+    statement = where_given(
+        select(s.probes),
+        (p.agent_id, query.agent),
+        (p.mcc_mnc, query.mcc_mnc),
+        (p.connected, query.connected),
+    )
+    return await call.list_page(ProbePage, statement, Order((p.imsi,)), query, ProbeOut.from_row)
 
 
 async def get_probe(call: Call) -> ProbeDetail:
@@ -203,12 +195,8 @@ async def get_probe(call: Call) -> ProbeDetail:
 async def list_networks(call: Call) -> NetworkPage:
     """Networks, by MCC-MNC."""
     query = call.query(PageQuery)
-    limit = call.page_size(query)
-    async with call.engine.connect() as conn:
-        rows, total, cursor = await fetch_page(
-            conn, select(s.networks), Order((s.networks.c.mcc_mnc,)), query, limit
-        )
-    return call.page(NetworkPage, [NetworkOut.from_row(r) for r in rows], total, limit, cursor)
+    order = Order((s.networks.c.mcc_mnc,))
+    return await call.list_page(NetworkPage, select(s.networks), order, query, NetworkOut.from_row)
 
 
 def _mcc_mnc(call: Call) -> str:

@@ -16,11 +16,11 @@ from typing import Any, Self, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import Row
+from sqlalchemy import Row, Select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from controller.api.inputs import parse_body, parse_query
-from controller.api.paging import Page, PageQuery, page_size
+from controller.api.paging import Order, Page, PageQuery, fetch_page, page_size
 from controller.api.tokens import Role
 from controller.config import ApiConfig
 
@@ -138,6 +138,21 @@ class Call:
         """A page of ``items`` with its links (the next one keeps this request's filters)."""
         link = str(self.request.rel_url.update_query(cursor=cursor)) if cursor else None
         return page_type(items=items, total=total, limit=limit, next_cursor=cursor, next=link)
+
+    async def list_page(
+        self,
+        page_type: type[P],
+        statement: Select[Any],
+        order: Order,
+        query: PageQuery,
+        item: Callable[[Row[Any]], BaseModel],
+    ) -> P:
+        """The page ``query`` asks for of ``statement`` (filtered, not ordered), each row made an
+        item by ``item``: what every list endpoint answers."""
+        limit = self.page_size(query)
+        async with self.engine.connect() as conn:
+            rows, total, cursor = await fetch_page(conn, statement, order, query, limit)
+        return self.page(page_type, [item(r) for r in rows], total, limit, cursor)
 
 
 def json_response(

@@ -113,6 +113,14 @@ def page_size(query: PageQuery, default: int, maximum: int) -> int:
     return query.limit
 
 
+def where_given(statement: Select[Any], *filters: tuple[ColumnElement[Any], object]) -> Select[Any]:
+    """``statement`` narrowed to ``column == value`` for each filter whose value was given (not None)."""
+    for column, value in filters:
+        if value is not None:
+            statement = statement.where(column == value)
+    return statement
+
+
 async def fetch_page(
     conn: AsyncConnection, statement: Select[Any], order: Order, query: PageQuery, limit: int
 ) -> tuple[list[Row[Any]], int, str | None]:

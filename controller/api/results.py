@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from controller.api.errors import not_found
 from controller.api.inputs import MAX_ID, QueryTime, RouteName, path_id
 from controller.api.ops import Call, Operation, Out, id_param
-from controller.api.paging import Order, Page, PageQuery, fetch_page
+from controller.api.paging import Order, Page, PageQuery, where_given
 from controller.storage import schema as s
 from probe_agent.protocol import MccMnc
 
@@ -165,12 +165,13 @@ class ResultPage(Page[ResultOut]):
 
 def _test_cases(query: TestCasesQuery) -> Select[Any]:
     t = s.test_cases.c
-    statement = select(s.test_cases)
-    for column, value in ((t.route, query.route), (t.mcc_mnc, query.mcc_mnc), (t.status, query.status)):
-        if value is not None:
-            statement = statement.where(column == value)
-    if query.campaign is not None:
-        statement = statement.where(t.campaign_id == query.campaign)
+    statement = where_given(
+        select(s.test_cases),
+        (t.route, query.route),
+        (t.mcc_mnc, query.mcc_mnc),
+        (t.status, query.status),
+        (t.campaign_id, query.campaign),
+    )
     if query.from_ is not None:
         statement = statement.where(t.scheduled_at >= query.from_)
     if query.to is not None:
@@ -181,11 +182,8 @@ def _test_cases(query: TestCasesQuery) -> Select[Any]:
 async def list_test_cases(call: Call) -> TestCasePage:
     """Test cases, newest first."""
     query = call.query(TestCasesQuery)
-    limit = call.page_size(query)
     order = Order((s.test_cases.c.id,), descending=True)
-    async with call.engine.connect() as conn:
-        rows, total, cursor = await fetch_page(conn, _test_cases(query), order, query, limit)
-    return call.page(TestCasePage, [TestCaseOut.from_row(r) for r in rows], total, limit, cursor)
+    return await call.list_page(TestCasePage, _test_cases(query), order, query, TestCaseOut.from_row)
 
 
 async def _observation(
@@ -227,10 +225,9 @@ async def get_test_case(call: Call) -> TestCaseDetail:
 
 def _results(query: ResultsQuery) -> Select[Any]:
     r = s.results.c
-    statement = select(s.results)
-    for column, value in ((r.route, query.route), (r.mcc_mnc, query.mcc_mnc), (r.delivered, query.delivered)):
-        if value is not None:
-            statement = statement.where(column == value)
+    statement = where_given(
+        select(s.results), (r.route, query.route), (r.mcc_mnc, query.mcc_mnc), (r.delivered, query.delivered)
+    )
     if query.flag is not None:
         # The flags are a JSON list of words; its text holds each one quoted, on every backend.
         statement = statement.where(cast(r.flags, String).contains(f'"{query.flag}"', autoescape=True))
@@ -244,11 +241,8 @@ def _results(query: ResultsQuery) -> Select[Any]:
 async def list_results(call: Call) -> ResultPage:
     """Results, newest test first."""
     query = call.query(ResultsQuery)
-    limit = call.page_size(query)
     order = Order((s.results.c.test_case_id,), descending=True)
-    async with call.engine.connect() as conn:
-        rows, total, cursor = await fetch_page(conn, _results(query), order, query, limit)
-    return call.page(ResultPage, [ResultOut.from_row(r) for r in rows], total, limit, cursor)
+    return await call.list_page(ResultPage, _results(query), order, query, ResultOut.from_row)
 
 
 OPERATIONS = (

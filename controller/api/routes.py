@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from controller.api.errors import bad_request, conflict, not_found
 from controller.api.inputs import ROUTE_NAME_PATTERN, RouteName, no_nulls, path_text
 from controller.api.ops import Call, In, Operation, Out, string_param
-from controller.api.paging import Order, Page, PageQuery, fetch_page
+from controller.api.paging import Order, Page, PageQuery, where_given
 from controller.storage import schema as s
 from probe_agent.protocol import MccMnc
 
@@ -110,13 +110,8 @@ def _name(call: Call) -> str:
 async def list_routes(call: Call) -> RoutePage:
     """Routes, by name."""
     query = call.query(RoutesQuery)
-    statement = select(s.routes)
-    if query.enabled is not None:
-        statement = statement.where(s.routes.c.enabled == query.enabled)
-    limit = call.page_size(query)
-    async with call.engine.connect() as conn:
-        rows, total, cursor = await fetch_page(conn, statement, Order((s.routes.c.name,)), query, limit)
-    return call.page(RoutePage, [_out(r) for r in rows], total, limit, cursor)
+    statement = where_given(select(s.routes), (s.routes.c.enabled, query.enabled))
+    return await call.list_page(RoutePage, statement, Order((s.routes.c.name,)), query, _out)
 
 
 async def get_route(call: Call) -> RouteOut:

@@ -11,13 +11,13 @@ from typing import Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
+from sqlalchemy import Row, select
 
 from controller import routing
 from controller.api.errors import not_found
 from controller.api.inputs import RouteName, path_id
 from controller.api.ops import Call, Operation, Out, id_param
-from controller.api.paging import Order, Page, PageQuery, fetch_page
+from controller.api.paging import Order, Page, PageQuery, where_given
 from controller.storage import schema as s
 from probe_agent.protocol import MccMnc, RoutingTable
 
@@ -77,19 +77,13 @@ class VersionPage(Page[TableVersion]):
 async def list_scores(call: Call) -> ScorePage:
     """Scores, by route then network."""
     query = call.query(ScoresQuery)
-    statement = select(s.scores)
-    if query.route is not None:
-        statement = statement.where(s.scores.c.route == query.route)
-    if query.mcc_mnc is not None:
-        statement = statement.where(s.scores.c.mcc_mnc == query.mcc_mnc)
-    limit = call.page_size(query)
-    order = Order((s.scores.c.route, s.scores.c.mcc_mnc))
-    async with call.engine.connect() as conn:
-        rows, total, cursor = await fetch_page(conn, statement, order, query, limit)
-    items = [
-        ScoreOut.from_row(r, state=r.explanation.get("state"), why=r.explanation.get("why")) for r in rows
-    ]
-    return call.page(ScorePage, items, total, limit, cursor)
+    c = s.scores.c
+    statement = where_given(select(s.scores), (c.route, query.route), (c.mcc_mnc, query.mcc_mnc))
+
+    def item(r: Row[Any]) -> ScoreOut:
+        return ScoreOut.from_row(r, state=r.explanation.get("state"), why=r.explanation.get("why"))
+
+    return await call.list_page(ScorePage, statement, Order((c.route, c.mcc_mnc)), query, item)
 
 
 def _networks(value: Any) -> int:
@@ -149,13 +143,12 @@ async def get_routing_table(call: Call) -> web.Response:
 
 async def list_table_versions(call: Call) -> VersionPage:
     """Routing table versions, newest first."""
-    query = call.query(PageQuery)
-    limit = call.page_size(query)
     order = Order((s.routing_tables.c.version,), descending=True)
-    async with call.engine.connect() as conn:
-        rows, total, cursor = await fetch_page(conn, select(s.routing_tables), order, query, limit)
-    items = [TableVersion.from_row(r, networks=_networks(r.table)) for r in rows]
-    return call.page(VersionPage, items, total, limit, cursor)
+
+    def item(r: Row[Any]) -> TableVersion:
+        return TableVersion.from_row(r, networks=_networks(r.table))
+
+    return await call.list_page(VersionPage, select(s.routing_tables), order, call.query(PageQuery), item)
 
 
 async def get_table_version(call: Call) -> web.Response:
