@@ -12,7 +12,7 @@ import pytest
 from hardware.virtual_modem import VirtualModem
 
 #: Database fixtures (SQLite file and a fresh PostgreSQL database) for every test module.
-pytest_plugins = ("tests.db",)
+pytest_plugins = ("tests.db", "tests.mosquitto")
 
 
 @pytest.fixture

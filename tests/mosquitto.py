@@ -10,7 +10,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +101,16 @@ class Mosquitto:
 def require_mosquitto() -> None:
     if shutil.which("mosquitto") is None:
         pytest.fail("mosquitto is not installed (.ci/run installs it with apt)")
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A mosquitto of this test's own, on a free port, default config (no auth, no TLS)."""
+    require_mosquitto()
+    (tmp_path / "broker").mkdir()
+    broker = Mosquitto(tmp_path / "broker").start()
+    yield broker
+    broker.stop()
 
 
 class Recorder:

@@ -7,7 +7,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,18 +18,9 @@ from hardware.virtual_modem import VirtualModem
 from probe_agent.agent import Agent
 from probe_agent.clock import Clock, ntp_offset
 from probe_agent.config import load
-from tests.mosquitto import Mosquitto, connected_client, require_mosquitto
+from tests.mosquitto import Mosquitto, connected_client
 
 P = "pf/v1/agents/pi-uk-1"
-
-
-@pytest.fixture
-def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
-    require_mosquitto()
-    (tmp_path / "broker").mkdir()
-    broker = Mosquitto(tmp_path / "broker").start()
-    yield broker
-    broker.stop()
 
 
 def write_config(path: Path, broker: Mosquitto, modems: list[tuple[str, str]]) -> Path:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,19 +24,10 @@ from controller.service import serve
 from controller.storage import schema as s
 from controller.storage.db import make_engine
 from probe_agent.protocol import AgentStatus, ClockState, ModemState, Observation, SimIdentity, Topics
-from tests.mosquitto import Mosquitto, Recorder, connected_client, require_mosquitto
+from tests.mosquitto import Mosquitto, Recorder, connected_client
 
 T = Topics()
 NOW = datetime.now(UTC)
-
-
-@pytest.fixture
-def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
-    require_mosquitto()
-    (tmp_path / "broker").mkdir()
-    broker = Mosquitto(tmp_path / "broker").start()
-    yield broker
-    broker.stop()
 
 
 def controller_toml(path: Path, broker: Mosquitto, url: str) -> Path:

@@ -27,19 +27,10 @@ from controller.service import serve
 from controller.storage import schema as s
 from controller.storage.db import open_database
 from probe_agent.protocol import RoutingTable, Topics
-from tests.mosquitto import Mosquitto, Recorder, free_port, require_mosquitto
+from tests.mosquitto import Mosquitto, Recorder, free_port
 from tests.test_scoring import NET, insert_results, result
 
 T = Topics()
-
-
-@pytest.fixture
-def mosquitto(tmp_path: Path) -> Any:
-    require_mosquitto()
-    (tmp_path / "broker").mkdir()
-    broker = Mosquitto(tmp_path / "broker").start()
-    yield broker
-    broker.stop()
 
 
 @pytest.fixture
