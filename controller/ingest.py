@@ -21,12 +21,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from controller.correlation import DEFAULT_GRACE_MS
 from controller.results import match_new_observations, sweep_deadlines, text_column
 from controller.storage import schema as s
+from controller.storage.db import dialect_insert
 from probe_agent.protocol import (
     AgentStatus,
     CommandResponse,
@@ -93,7 +93,7 @@ class Ingest:
         self._lock = asyncio.Lock()
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[None]] = set()
-        self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        self._insert = dialect_insert(engine)
 
     async def handle(self, topic: str, payload: bytes, received_at: datetime, ack: Ack) -> None:
         """Take one MQTT message; ``ack`` is called once it is durably handled."""

@@ -24,7 +24,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -42,6 +41,7 @@ from controller.correlation import (
     match_observation,
 )
 from controller.storage import schema as s
+from controller.storage.db import dialect_insert
 from probe_agent.protocol import ClockState, Observation
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,6 @@ def text_column(value: str | None) -> str | None:
     return value.replace("\x00", "\ufffd") if value else value
 
 
-def _insert(conn: AsyncConnection) -> Any:
-    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-
-
 def _case(row: Any) -> TestCase:
     return TestCase(
         id=row.id,
@@ -107,7 +103,7 @@ async def _upsert_results(conn: AsyncConnection, results: Sequence[Result]) -> N
     if not results:
         return
     rows = [result_row(r) for r in results]
-    statement = _insert(conn)(s.results)
+    statement = dialect_insert(conn)(s.results)
     updated = {c: statement.excluded[c] for c in rows[0] if c != "test_case_id"}
     await conn.execute(statement.on_conflict_do_update(index_elements=["test_case_id"], set_=updated), rows)
     await conn.execute(
@@ -311,7 +307,7 @@ async def sweep_deadlines(conn: AsyncConnection, *, now: datetime, limit: int = 
         )
     outcome.undelivered = len(rows)
     if outcome.results:
-        statement = _insert(conn)(s.results).on_conflict_do_nothing(index_elements=["test_case_id"])
+        statement = dialect_insert(conn)(s.results).on_conflict_do_nothing(index_elements=["test_case_id"])
         await conn.execute(statement, [result_row(r) for r in outcome.results])
     return outcome
 

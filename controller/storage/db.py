@@ -23,6 +23,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, InvalidRequestError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -180,6 +181,12 @@ def _process_lock() -> asyncio.Lock:
     # commands interleaving on one event loop, even on two databases, would break each other.
     loop = asyncio.get_running_loop()
     return _ALEMBIC_LOCKS.setdefault(loop, asyncio.Lock())
+
+
+def dialect_insert(bind: AsyncEngine | AsyncConnection) -> Any:
+    """The ``insert`` of the bind's backend, which has ``on_conflict_do_nothing`` / ``_do_update``
+    (PostgreSQL and SQLite spell them alike)."""
+    return postgresql.insert if bind.dialect.name == "postgresql" else sqlite.insert
 
 
 def head_revision() -> str:
