@@ -196,6 +196,9 @@ class TestCase:
     text: str
     submitted_at: datetime
     deadline_at: datetime
+    #: The submit failed (refused, or its outcome unknown): only its token can still match it,
+    #: since nothing is known to have been sent for a match by SIM and time to rest on.
+    submit_error: str | None = None
 
     def __post_init__(self) -> None:
         _require_aware("submitted_at", self.submitted_at)
@@ -233,6 +236,9 @@ class Match:
     ambiguous: bool = False
     #: The test case already had an observation: the route delivered the message twice.
     duplicate: bool = False
+    #: A token match for a test case that had only a fuzzy match: the token's observation is the
+    #: delivery, the earlier one is set aside.
+    supersedes: bool = False
 
 
 def arrival_at(observation: Observation) -> datetime:
@@ -276,6 +282,7 @@ def match_observation(
     *,
     grace_ms: float = DEFAULT_GRACE_MS,
     matched: Collection[int] = (),
+    fuzzy_matched: Collection[int] = (),
 ) -> Match | None:
     """The test case ``observation`` belongs to, or None: an unsolicited SMS.
 
@@ -286,7 +293,10 @@ def match_observation(
        replaced but the text still resembles it. Ties go to the earliest submitted. A text
        holding another test's token (sharing neither code nor reference) matches no one here.
 
-    ``matched`` holds ids of test cases that already have an observation.
+    ``matched`` holds ids of test cases that already have an observation, ``fuzzy_matched``
+    those of them matched without their token: a token match for one of those supersedes the
+    fuzzy one (the token is the stronger evidence) instead of being a duplicate. A test case
+    whose submit failed (``submit_error``) is matched by its token only.
     """
     cases = list(candidates)
     tokens = set(find_tokens(observation.text))
@@ -296,10 +306,22 @@ def match_observation(
         reasons = [f"token {case.token} found in the text"]
         if _same_sim(observation, case) is False:
             reasons.append(f"on another SIM (IMSI {observation.sim.imsi}, sent to {case.imsi})")
-        duplicate = case.id in matched
-        if duplicate:
+        supersedes = case.id in fuzzy_matched
+        duplicate = case.id in matched and not supersedes
+        if supersedes:
+            reasons.append("replaces an earlier match without the token (fuzzy) of this test case")
+        elif duplicate:
             reasons.append("the test case already had an observation: delivered twice")
-        return Match(case, "token", "; ".join(reasons), content_altered=False, duplicate=duplicate)
+        if case.submit_error is not None:
+            reasons.append(f"delivered although its submit was reported failed ({case.submit_error})")
+        return Match(
+            case,
+            "token",
+            "; ".join(reasons),
+            content_altered=False,
+            duplicate=duplicate,
+            supersedes=supersedes,
+        )
 
     arrival = arrival_at(observation)
     slack = (observation.clock.error_ms or 0.0) * _MS
@@ -309,6 +331,7 @@ def match_observation(
             c
             for c in cases
             if c.id not in matched
+            and c.submit_error is None
             and _same_sim(observation, c) is True
             and _may_carry(c, tokens)
             and c.submitted_at - slack <= arrival <= c.deadline_at + grace
@@ -599,7 +622,8 @@ class Result:
     parts_expected: int
     #: Everything notable, for scoring: ``late``, ``fuzzy_match``, ``content_altered`` and the
     #: content flags, ``sender_replaced``, ``sim_box``, ``foreign_smsc``, ``fake_receipt``,
-    #: ``wrong_receipt``, ``parts_missing``, ``other_sim``, ``duplicate``.
+    #: ``wrong_receipt``, ``parts_missing``, ``other_sim``, ``duplicate``,
+    #: ``delivered_after_failed_submit``.
     flags: tuple[str, ...]
     #: Why things are as they are, in words (match reason, unusable SCTS, unknown clock).
     notes: tuple[str, ...]
@@ -706,6 +730,8 @@ def decide(
         flags.append("parts_missing")
     if match is not None and match.duplicate:
         flags.append("duplicate")
+    if case.submit_error is not None:
+        flags.append("delivered_after_failed_submit")
     if _same_sim(observation, case) is False:
         flags.append("other_sim")
 

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from controller.correlation import DEFAULT_GRACE_MS
@@ -58,11 +59,30 @@ class IngestStats:
 
 
 @dataclass
+class _Entry:
+    """One message waiting for the batch write, with what a dead letter of it needs."""
+
+    kind: str
+    message: Any
+    received_at: datetime
+    topic: str
+    payload: bytes
+    acks: list[Ack]
+
+
+@dataclass
 class _Pending:
-    observations: dict[str, tuple[Observation, datetime]] = field(default_factory=dict)
+    entries: list[_Entry] = field(default_factory=list)
+    observations: dict[str, _Entry] = field(default_factory=dict)
     duplicates_in_batch: int = 0
-    others: list[tuple[str, Any, datetime]] = field(default_factory=list)
-    acks: list[Ack] = field(default_factory=list)
+
+    def acks(self) -> list[Ack]:
+        return [ack for entry in self.entries for ack in entry.acks]
+
+
+#: Errors of the database itself (down, locked, connection lost): the batch stays
+#: unacknowledged for the broker to resend. Any other error is blamed on the data.
+_ENVIRONMENT_ERRORS = (OperationalError, InterfaceError, OSError, TimeoutError)
 
 
 class Ingest:
@@ -111,22 +131,24 @@ class Ingest:
             agent = where.agent if where else None
             self.stats.invalid[agent or "?"] += 1
             log.warning("invalid payload on %s: %s", topic, exc.reason, extra={"agent": agent})
-            self._pending.others.append(("dead", (agent, topic, exc.reason, payload), received_at))
+            self._pending.entries.append(
+                _Entry("dead", (agent, exc.reason), received_at, topic, payload, [ack])
+            )
         else:
             if isinstance(message, CommandResponse):
                 if self.on_response is not None and parsed.agent and parsed.command:
                     self.on_response(parsed.agent, parsed.command, message, received_at)
                 ack()
                 return
-            if isinstance(message, Observation):
-                if message.id in self._pending.observations:
-                    self._pending.duplicates_in_batch += 1
-                else:
-                    self._pending.observations[message.id] = (message, received_at)
+            if isinstance(message, Observation) and message.id in self._pending.observations:
+                self._pending.duplicates_in_batch += 1
+                self._pending.observations[message.id].acks.append(ack)
             else:
-                self._pending.others.append((parsed.kind, message, received_at))
-        self._pending.acks.append(ack)
-        if len(self._pending.observations) + len(self._pending.others) >= self.batch_max:
+                entry = _Entry(parsed.kind, message, received_at, topic, payload, [ack])
+                self._pending.entries.append(entry)
+                if isinstance(message, Observation):
+                    self._pending.observations[message.id] = entry
+        if len(self._pending.entries) >= self.batch_max:
             await self.flush()
         elif self._timer is None:
             loop = asyncio.get_running_loop()
@@ -147,23 +169,77 @@ class Ingest:
                 self.on_failure()
 
     async def flush(self) -> None:
-        """Write what is pending in one transaction, then acknowledge it."""
+        """Write what is pending in one transaction, then acknowledge it. When the batch fails
+        for its data (not the database's state), each message is written on its own and the one
+        that fails goes to the dead letters, so one poison message cannot block the rest."""
         async with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
             pending, self._pending = self._pending, _Pending()
-            if not pending.acks:
+            if not pending.entries:
                 return
-            async with self.engine.begin() as conn:
-                stored = await self._write_observations(conn, pending)
-                for kind, message, received_at in pending.others:
-                    await self._apply(conn, kind, message, received_at)
-            self.stats.stored += stored
-            self.stats.duplicates += len(pending.observations) - stored + pending.duplicates_in_batch
-            self.stats.batches += 1
-            for ack in pending.acks:
+            try:
+                await self._write(pending)
+            except _ENVIRONMENT_ERRORS:
+                raise
+            except Exception as exc:
+                if len(pending.entries) == 1:
+                    await self._poisoned(pending.entries[0], exc)
+                    return
+                log.warning(
+                    "a batch of %d messages failed (%s: %s); writing them one at a time",
+                    len(pending.entries),
+                    type(exc).__name__,
+                    exc,
+                )
+                await self._write_each(pending)
+                return
+            for ack in pending.acks():
                 ack()
+
+    async def _write(self, pending: _Pending) -> None:
+        async with self.engine.begin() as conn:
+            stored = await self._write_observations(conn, pending)
+            for entry in pending.entries:
+                if not isinstance(entry.message, Observation):
+                    await self._apply(conn, entry)
+        self.stats.stored += stored
+        self.stats.duplicates += len(pending.observations) - stored + pending.duplicates_in_batch
+        self.stats.batches += 1
+
+    async def _write_each(self, pending: _Pending) -> None:
+        """Each message in its own transaction, in the order received, acknowledged as it goes;
+        one that still fails is dead-lettered. A database error stops it: the rest stay
+        unacknowledged."""
+        self.stats.duplicates += pending.duplicates_in_batch
+        for entry in pending.entries:
+            single = _Pending(entries=[entry])
+            if isinstance(entry.message, Observation):
+                single.observations[entry.message.id] = entry
+            try:
+                await self._write(single)
+            except _ENVIRONMENT_ERRORS:
+                raise
+            except Exception as exc:
+                await self._poisoned(entry, exc)
+                continue
+            for ack in entry.acks:
+                ack()
+
+    async def _poisoned(self, entry: _Entry, exc: Exception) -> None:
+        """A valid message the database would not take: kept as a dead letter, then acknowledged
+        (resending it would fail the same way, for ever)."""
+        where = self.topics.parse(entry.topic)
+        agent = where.agent if where else None
+        reason = f"could not be stored: {type(exc).__name__}: {exc}"[:2000]
+        log.error("message on %s %s", entry.topic, reason, extra={"agent": agent})
+        self.stats.invalid[agent or "?"] += 1
+        dead = _Entry("dead", (agent, reason), entry.received_at, entry.topic, entry.payload, entry.acks)
+        async with self.engine.begin() as conn:
+            await self._apply(conn, dead)
+        for ack in entry.acks:
+            ack()
 
     async def close(self) -> None:
         """Write what is pending (on a clean stop)."""
@@ -178,10 +254,10 @@ class Ingest:
         seen = set(
             (await conn.execute(select(s.observations.c.id).where(s.observations.c.id.in_(ids)))).scalars()
         )
-        new = [obs for obs_id, (obs, _) in pending.observations.items() if obs_id not in seen]
+        new = [entry.message for obs_id, entry in pending.observations.items() if obs_id not in seen]
         if not new:
             return 0
-        now = max(received_at for _, received_at in pending.observations.values())
+        now = max(entry.received_at for entry in pending.observations.values())
         outcome, marks = await match_new_observations(conn, new, now=now, grace_ms=self.grace_ms)
         self.stats.matched += outcome.token + outcome.fuzzy
         self.stats.unsolicited += outcome.unsolicited
@@ -195,7 +271,7 @@ class Ingest:
                 "text": text_column(obs.text),
                 "smsc": text_column(obs.smsc),
                 "urc_at": obs.urc_at,
-                "ingested_at": pending.observations[obs.id][1],
+                "ingested_at": pending.observations[obs.id].received_at,
                 "test_case_id": marks[obs.id][0],
                 "match": marks[obs.id][1],
                 "payload": obs.model_dump(mode="json"),
@@ -214,12 +290,17 @@ class Ingest:
         self.stats.undelivered += outcome.undelivered
         return outcome.undelivered
 
-    async def _apply(self, conn: AsyncConnection, kind: str, message: Any, received_at: datetime) -> None:
+    async def _apply(self, conn: AsyncConnection, entry: _Entry) -> None:
+        kind, message, received_at = entry.kind, entry.message, entry.received_at
         if kind == "dead":
-            agent, topic, error, payload = message
+            agent, error = message
             await conn.execute(
                 s.dead_letters.insert().values(
-                    received_at=received_at, agent_id=agent, topic=topic, error=error, payload=payload
+                    received_at=received_at,
+                    agent_id=agent,
+                    topic=entry.topic,
+                    error=error,
+                    payload=entry.payload,
                 )
             )
             if agent:

@@ -7,7 +7,9 @@ its result commit together or not at all:
 - ``match_new_observations``: each new observation is matched to its test case (by token, else
   by SIM, time window and sender) and the result written; a late one replaces the deadline's
   "not delivered"; a second delivery of the same test is kept as a duplicate; an SMS that
-  matches nothing is kept as unsolicited.
+  matches nothing is kept as unsolicited. A token match for a test case matched before without
+  its token (fuzzy) takes its place: the earlier observation is kept, marked ``superseded``. A
+  test case whose submit failed (refused, or its outcome unknown) is matched by its token only.
 - ``sweep_deadlines``: submitted test cases whose deadline passed with nothing received become
   "not delivered" (their receipts judged: a "delivered" receipt for them is a fake receipt).
 - ``rejudge_receipts``: a receipt that comes after the result changes its receipt verdict.
@@ -63,6 +65,7 @@ class Outcome:
     unsolicited: int = 0
     duplicates: int = 0
     late: int = 0
+    superseded: int = 0
     undelivered: int = 0
     rejudged: int = 0
     results: list[Result] = field(default_factory=list)
@@ -86,6 +89,7 @@ def _case(row: Any) -> TestCase:
         text=row.text,
         submitted_at=row.submitted_at,
         deadline_at=row.deadline_at,
+        submit_error=(row.error or "outcome unknown") if row.status == "failed" else None,
     )
 
 
@@ -186,11 +190,16 @@ async def match_new_observations(
     msisdns = {o.sim.msisdn for o in observations if not o.sim.imsi and o.sim.msisdn}
     clauses: list[ColumnElement[bool]] = []
     if tokens:
-        clauses.append(s.test_cases.c.token.in_(tokens))
+        # A failed submit may still have gone out (a timeout, a controller stopped mid-submit):
+        # its token proves it did.
+        clauses.append(
+            and_(s.test_cases.c.token.in_(tokens), s.test_cases.c.status.in_((*OPEN_STATES, "failed")))
+        )
     if imsis or msisdns:
         slack = timedelta(minutes=1)
         clauses.append(
             and_(
+                s.test_cases.c.status.in_(OPEN_STATES),
                 or_(s.test_cases.c.imsi.in_(imsis), s.test_cases.c.msisdn.in_(msisdns)),
                 s.test_cases.c.deadline_at >= min(arrivals) - grace,
                 s.test_cases.c.submitted_at <= max(arrivals) + slack,
@@ -198,31 +207,31 @@ async def match_new_observations(
         )
     rows = []
     if clauses:
-        rows = list(
-            await conn.execute(
-                select(s.test_cases).where(and_(s.test_cases.c.status.in_(OPEN_STATES), or_(*clauses)))
-            )
-        )
+        rows = list(await conn.execute(select(s.test_cases).where(or_(*clauses))))
     if not rows:
         outcome.unsolicited = len(observations)
         return outcome, {o.id: (None, "none") for o in observations}
 
     cases = {r.id: r for r in rows}
     candidates = [_case(r) for r in rows]
-    delivered = {
-        r.test_case_id
-        for r in await conn.execute(
-            select(s.results.c.test_case_id).where(
+    delivered_rows = list(
+        await conn.execute(
+            select(s.results.c.test_case_id, s.results.c.match_kind).where(
                 and_(s.results.c.test_case_id.in_(list(cases)), s.results.c.delivered.is_(True))
             )
         )
-    }
+    )
+    delivered = {r.test_case_id for r in delivered_rows}
+    # Delivered by a match without the token: a later token match takes their place.
+    fuzzy = {r.test_case_id for r in delivered_rows if r.match_kind == "fuzzy"}
+    fuzzy_in_batch: dict[int, str] = {}
+    superseded_stored: list[int] = []
     receipts = await _receipts(conn, rows)
     smscs = await _known_smscs(conn, {r.mcc_mnc for r in rows})
     decided: dict[int, Result] = {}
     for observation in sorted(observations, key=arrival_at):
         match: Match | None = match_observation(
-            observation, candidates, grace_ms=grace_ms, matched=delivered | set(decided)
+            observation, candidates, grace_ms=grace_ms, matched=delivered | set(decided), fuzzy_matched=fuzzy
         )
         if match is None:
             outcome.unsolicited += 1
@@ -239,6 +248,24 @@ async def match_new_observations(
                 extra={"agent": observation.agent, "route": case.route, "test_case": case.id},
             )
             continue
+        if match.supersedes:
+            fuzzy.discard(case.id)
+            earlier = fuzzy_in_batch.pop(case.id, None)
+            if earlier is None:
+                superseded_stored.append(case.id)
+            else:
+                marks[earlier] = (case.id, "superseded")
+                outcome.fuzzy -= 1
+            outcome.superseded += 1
+            log.info(
+                "test case %s: its token arrived (observation %s); the earlier match without it is set aside",
+                case.id,
+                observation.id,
+                extra={"agent": observation.agent, "route": case.route, "test_case": case.id},
+            )
+        elif match.kind == "fuzzy":
+            fuzzy.add(case.id)
+            fuzzy_in_batch[case.id] = observation.id
         result = decide(
             case,
             observation,
@@ -263,6 +290,14 @@ async def match_new_observations(
         )
     outcome.results = list(decided.values())
     await _upsert_results(conn, outcome.results)
+    if superseded_stored:
+        await conn.execute(
+            update(s.observations)
+            .where(
+                and_(s.observations.c.test_case_id.in_(superseded_stored), s.observations.c.match == "fuzzy")
+            )
+            .values(match="superseded")
+        )
     return outcome, marks
 
 

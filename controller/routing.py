@@ -8,8 +8,9 @@ route that is carrying traffic already. A small ``exploration_share`` is split a
 that need measuring: *unknown* routes (too few results to score, role ``exploration``) and
 *stale* ones (scored, but their newest result is older than ``stale_after_s``; they keep their
 place and get the extra share), so every route keeps being measured. Disabled routes, and scored
-routes below ``exclude_below`` (unless no route is better), are *excluded*: no traffic. Every
-choice carries its reason in words.
+routes below ``exclude_below`` (unless no route is better), are *excluded*: no traffic (a route
+ranked in the previous table only once it is a ``margin`` below it). Every choice carries its
+reason in words.
 
 Hysteresis: a route passes the one ahead of it in the previous table only when its score beats
 that route's by more than ``margin``. Scores wobbling by less than the margin leave the order as
@@ -121,7 +122,10 @@ def _network(
     disabled = sorted((s for s in scores if s.route not in enabled), key=lambda s: s.route)
     unknown = sorted((s for s in scores if s.route in enabled and s.score is None), key=lambda s: s.route)
     scored = [s for s in scores if s.route in enabled and s.score is not None]
-    usable = [s for s in scored if (s.score or 0.0) >= config.exclude_below]
+    # Hysteresis at the exclusion threshold too: a ranked route is excluded only once it falls a
+    # margin below it, so a score wobbling around ``exclude_below`` does not flap in and out.
+    usable = [s for s in scored if (s.score or 0.0) >= _exclusion_floor(s.route, previous_rank, config)]
+    held_in = {s.route for s in usable if (s.score or 0.0) < config.exclude_below}
     poor_best = not usable and bool(scored)
     if poor_best:
         usable = [max(scored, key=lambda s: (s.score or 0.0, s.route))]
@@ -177,6 +181,11 @@ def _network(
             )
         else:
             reason = f"backup {rank}, {head}: {_summary(s)}"
+        if s.route in held_in and not poor_best:
+            reason += (
+                f"; below {config.exclude_below:.2f} but within the margin {config.margin:.2f}: kept until "
+                f"it falls below {config.exclude_below - config.margin:.2f}"
+            )
         if s.route in stale:
             reason += f"; stale: newest result {stale[s.route]:.1f} h old, exploring"
         add(s, "primary" if rank == 0 else "backup", reason)
@@ -187,6 +196,12 @@ def _network(
     for s in disabled:
         add(s, "excluded", "excluded: disabled")
     return choices
+
+
+def _exclusion_floor(route: str, previous_rank: Mapping[str, int], config: RoutingConfig) -> float:
+    """The score below which ``route`` is excluded: ``exclude_below``, or a margin lower for a
+    route that carried traffic in the previous table."""
+    return config.exclude_below - config.margin if route in previous_rank else config.exclude_below
 
 
 def _rounded(weights: Mapping[str, float]) -> dict[str, float]:

@@ -302,3 +302,84 @@ async def test_a_failed_write_is_retried_through_the_broker(
 
     await wait_for(all_stored, timeout_s=20)
     pub.loop_stop()
+
+
+async def _refuse_text(engine: AsyncEngine, text: str) -> None:
+    """A real database rule (a trigger) that refuses one observation's row: the data is valid
+    for the wire contract, but the database will not take it."""
+    async with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            await conn.exec_driver_sql(
+                "CREATE TRIGGER refuse_poison BEFORE INSERT ON observations "
+                f"WHEN NEW.text = '{text}' BEGIN SELECT RAISE(ABORT, 'poison text refused'); END"
+            )
+        else:
+            await conn.exec_driver_sql(
+                "CREATE FUNCTION refuse_poison() RETURNS trigger AS $$ BEGIN "
+                f"IF NEW.text = '{text}' THEN RAISE EXCEPTION 'poison text refused' "
+                "USING ERRCODE = 'check_violation'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql"
+            )
+            await conn.exec_driver_sql(
+                "CREATE TRIGGER refuse_poison BEFORE INSERT ON observations "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_poison()"
+            )
+
+
+async def test_a_poison_message_is_dead_lettered_and_the_rest_of_its_batch_stored(
+    database: AsyncEngine,
+) -> None:
+    """Tried: a batch of 20 observations, one of which the database refuses (a trigger), plus an
+    agent status. The batch fails; each message is then written alone: 19 observations and the
+    status are stored, the refused one is kept as a dead letter with the database's error, and
+    every message is acknowledged (so the broker does not resend the poison one for ever)."""
+    from controller.ingest import Ingest
+
+    await _refuse_text(database, "Your code is 000007")
+    ingest = Ingest(database, T, batch_max=1_000)
+    acked: list[str] = []
+    at = datetime.now(UTC)
+    for i in range(20):
+        obs = observation(i)
+        await ingest.handle(T.sms(obs.agent), obs.to_json(), at, lambda i=i: acked.append(f"obs-{i}"))
+    status = AgentStatus(
+        agent="pi-uk-1", state="online", session="s1", version="0.1.0", started_at=at, dropped=0
+    )
+    await ingest.handle(T.status("pi-uk-1"), status.to_json(), at, lambda: acked.append("status"))
+    await ingest.flush()
+
+    assert sorted(acked) == sorted([f"obs-{i}" for i in range(20)] + ["status"])
+    assert await count(database, s.observations) == 19
+    async with database.connect() as conn:
+        dead = (await conn.execute(select(s.dead_letters))).one()
+        agent = (await conn.execute(select(s.agents).where(s.agents.c.id == "pi-uk-1"))).one()
+    assert dead.topic == T.sms("pi-uk-1")
+    assert "poison text refused" in dead.error and dead.error.startswith("could not be stored")
+    assert Observation.model_validate_json(dead.payload).id == "obs-pi-uk-1-00007"
+    assert agent.state == "online" and agent.invalid_payloads == 1
+    assert ingest.stats.stored == 19 and ingest.stats.invalid["pi-uk-1"] == 1
+
+
+async def test_a_database_that_is_down_leaves_the_batch_unacknowledged(tmp_path: Path) -> None:
+    """Tried: the observations table is gone (a broken database), so every write fails with an
+    operational error, not a data error: nothing is dead-lettered and nothing acknowledged (the
+    broker keeps it for the next try)."""
+    from controller.ingest import Ingest
+    from controller.storage.db import open_database
+
+    folder = tmp_path / "db"
+    folder.mkdir()
+    engine = await open_database(f"sqlite:///{folder / 'controller.db'}")
+    try:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("DROP TABLE observations")  # stands in for a broken database
+        ingest = Ingest(engine, T)
+        acked: list[int] = []
+        for i in range(3):
+            obs = observation(i)
+            await ingest.handle(T.sms(obs.agent), obs.to_json(), NOW, lambda i=i: acked.append(i))
+        with pytest.raises(Exception, match="no such table"):
+            await ingest.flush()
+        assert acked == []
+        assert await count(engine, s.dead_letters) == 0
+    finally:
+        await engine.dispose()

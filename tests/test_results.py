@@ -356,3 +356,53 @@ async def test_the_sweep_never_overwrites_a_delivery(database: AsyncEngine) -> N
     delivered, lost = await result(database, 1), await result(database, 2)
     assert delivered is not None and delivered.delivered and delivered.observation_id == "o1"
     assert lost is not None and not lost.delivered
+
+
+@pytest.mark.parametrize("same_batch", [False, True], ids=["later-batch", "same-batch"])
+async def test_a_token_match_supersedes_an_earlier_fuzzy_match(
+    database: AsyncEngine, same_batch: bool
+) -> None:
+    """Tried: an SMS from the expected sender without the token arrives first (taken fuzzily for
+    the test), then the test's own SMS with its token. The token is the stronger evidence: the
+    result becomes the token delivery (intact, its latency), the earlier SMS is kept, marked
+    superseded, and nothing is called a duplicate."""
+    await seed(database, [case(1, TOKEN_A)])
+    stray = observation("stray", "MyBank: your statement is ready", after_ms=1_000.0)
+    real = observation("real", render(TOKEN_A, "otp"), after_ms=4_250.0)
+    if same_batch:
+        ingest_ = await ingest(database, stray, real)
+    else:
+        await ingest(database, stray)
+        first = await result(database, 1)
+        assert first is not None and first.match_kind == "fuzzy" and first.content_intact is False
+        ingest_ = await ingest(database, real)
+    r = await result(database, 1)
+    assert r is not None and r.delivered and r.match_kind == "token" and r.observation_id == "real"
+    assert r.content_intact is True and "duplicate" not in r.flags and "fuzzy_match" not in r.flags
+    assert r.latency_ms == pytest.approx(4_000.0)
+    assert any("replaces an earlier match without the token" in n for n in r.notes)
+    assert (await marks(database)) == {"stray": (1, "superseded"), "real": (1, "token")}
+    assert ingest_.stats.matched >= 1
+
+
+@pytest.mark.parametrize(
+    "error", ["submit timed out after 10 s: outcome unknown", "the controller stopped during the submit"]
+)
+async def test_a_delivery_of_a_failed_submit_is_a_delivery_not_unsolicited(
+    database: AsyncEngine, error: str
+) -> None:
+    """Tried: the submit timed out (or the controller stopped mid-submit), so the test is
+    ``failed``, yet the route had sent it and its SMS arrives: it is matched by its token and
+    recorded as delivered, flagged; an SMS without the token is not matched to a failed test."""
+    failed = case(1, TOKEN_A) | {"status": "failed", "error": error, "message_id": None}
+    also_failed = case(2, TOKEN_B) | {"status": "failed", "error": error, "message_id": None}
+    await seed(database, [failed, also_failed])
+    tokenless = observation("tokenless", "MyBank code 999999", after_ms=1_500.0)
+    await ingest(database, observation("o1", render(TOKEN_A, "otp"), after_ms=2_250.0), tokenless)
+    r = await result(database, 1)
+    assert r is not None and r.delivered and r.match_kind == "token"
+    assert "delivered_after_failed_submit" in r.flags
+    assert any(error in n for n in r.notes)
+    assert await status(database, 1) == "done"
+    assert await result(database, 2) is None and await status(database, 2) == "failed"
+    assert (await marks(database)) == {"o1": (1, "token"), "tokenless": (None, "none")}

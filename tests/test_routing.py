@@ -151,6 +151,37 @@ def test_hysteresis_reason_names_the_challenger() -> None:
     )
 
 
+def test_a_score_wobbling_at_the_exclusion_threshold_does_not_flap() -> None:
+    """Tried: a backup's score wobbles around ``exclude_below`` (0.30) by less than the margin:
+    it stays ranked and the table keeps its version; it is excluded once a margin below, and
+    comes back only above the threshold itself."""
+    enabled = {"a", "b"}
+    first, _ = build_table([score("a", 0.80), score("b", 0.32)], None, CONFIG, enabled, NOW)
+    assert choices(first)["b"].role == "backup"
+    table = first
+    for wobble in (0.29, 0.31, 0.27, 0.33, 0.26):
+        table, changed = build_table([score("a", 0.80), score("b", wobble)], table, CONFIG, enabled, NOW)
+        assert not changed and choices(table)["b"].role == "backup", wobble
+    held, _ = build_table(
+        [score("a", 0.80), score("b", 0.27)], None, CONFIG, enabled, NOW
+    )  # without a previous table the plain threshold applies
+    assert choices(held)["b"].role == "excluded"
+    fallen, changed = build_table([score("a", 0.80), score("b", 0.24)], table, CONFIG, enabled, NOW)
+    assert changed and choices(fallen)["b"].role == "excluded"
+    still_out, changed = build_table([score("a", 0.80), score("b", 0.28)], fallen, CONFIG, enabled, NOW)
+    assert not changed and choices(still_out)["b"].role == "excluded"
+    back, changed = build_table([score("a", 0.80), score("b", 0.31)], still_out, CONFIG, enabled, NOW)
+    assert changed and choices(back)["b"].role == "backup"
+    # a new route makes a new version: the held route's reason says why it is still there
+    joined, changed = build_table(
+        [score("a", 0.80), score("b", 0.28), score("c", None, results=3)], first, CONFIG, {*enabled, "c"}, NOW
+    )
+    assert changed and choices(joined)["b"].role == "backup"
+    assert (
+        "below 0.30 but within the margin 0.05: kept until it falls below 0.25" in choices(joined)["b"].reason
+    )
+
+
 def test_version_increments_only_when_the_content_changes() -> None:
     enabled = {"a", "b"}
     v1, changed = build_table([score("a", 0.9), score("b", 0.8)], None, CONFIG, enabled, NOW)

@@ -90,7 +90,10 @@ class ObservationOut(Out):
     urc_at: datetime = Field(description="When the modem announced it (agent clock).")
     ingested_at: datetime = Field(description="When the controller stored it.")
     test_case_id: int | None = Field(description="The test case it matched.")
-    match: str | None = Field(description="token, fuzzy, or none (unsolicited).")
+    match: str | None = Field(
+        description="token, fuzzy, duplicate, superseded (a fuzzy match its token replaced), or none "
+        "(unsolicited)."
+    )
     payload: dict[str, Any] = Field(description="The observation as the agent sent it.")
 
 
