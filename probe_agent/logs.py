@@ -20,7 +20,16 @@ from collections.abc import Iterator, MutableMapping
 from typing import IO, Any
 
 #: The context fields a record may carry, in the order they are printed.
-CONTEXT_FIELDS: tuple[str, ...] = ("agent", "modem", "observation", "route", "test_id", "transaction")
+CONTEXT_FIELDS: tuple[str, ...] = (
+    "agent",
+    "modem",
+    "observation",
+    "route",
+    "test_id",
+    "transaction",
+    "message_id",
+    "system_id",
+)
 
 
 def _timestamp(record: logging.LogRecord) -> str:

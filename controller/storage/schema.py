@@ -182,6 +182,13 @@ Index("ix_test_cases_status_scheduled", test_cases.c.status, test_cases.c.schedu
 Index("ix_test_cases_campaign_scheduled", test_cases.c.campaign_id, test_cases.c.scheduled_at)
 Index("ix_test_cases_imsi_scheduled", test_cases.c.imsi, test_cases.c.scheduled_at)
 
+MATCH_COMMENT = (
+    "token, fuzzy, duplicate, superseded (a fuzzy match its token replaced), or none (unsolicited)"
+)
+MESSAGE_STATUS_COMMENT = (
+    "accepted, submitted, delivered, undeliverable (a final failed receipt), failed (no route took it)"
+)
+
 observations = Table(
     "observations",
     metadata,
@@ -195,7 +202,11 @@ observations = Table(
     _ts("urc_at", nullable=False),
     _ts("ingested_at", nullable=False),
     Column("test_case_id", Integer, ForeignKey("test_cases.id")),
-    Column("match", String(16), comment="token, fuzzy, or none (unsolicited)"),
+    Column(
+        "match",
+        String(16),
+        comment=MATCH_COMMENT,
+    ),
     Column("payload", JSON, nullable=False, comment="The observation as it arrived."),
 )
 Index("ix_observations_imsi_urc", observations.c.imsi, observations.c.urc_at)
@@ -280,6 +291,50 @@ conversions = Table(
     _ts("received_at", nullable=False),
 )
 Index("ix_conversions_route_network_at", conversions.c.route, conversions.c.mcc_mnc, conversions.c.at)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("idempotency_key", String(128), unique=True, comment="The client's key: one message per key."),
+    _ts("created_at", nullable=False),
+    Column("kind", String(8), nullable=False, comment="api (traffic) or test (a test case's submit)"),
+    Column("test_case_id", Integer, ForeignKey("test_cases.id")),
+    Column("destination", String(16), nullable=False, comment="E.164."),
+    Column("region", String(2), comment="ISO 3166 alpha-2 of the destination."),
+    Column("mcc_mnc", String(6), comment="Destination network, when known."),
+    Column("sender", String(16), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("route", String(64), comment="The route that took it (after any failover)."),
+    Column(
+        "decision", JSON, nullable=False, comment="Routing decision: route, reason, table version, attempts."
+    ),
+    Column(
+        "status",
+        String(16),
+        nullable=False,
+        comment=MESSAGE_STATUS_COMMENT,
+    ),
+    Column("parts", Integer),
+    Column("message_ids", JSON, comment="The route's message id of each part, in order."),
+    _ts("submitted_at"),
+    _ts("acked_at"),
+    Column("error", Text),
+    Column("receipt_status", String(16), comment="The latest receipt's stat: DELIVRD, UNDELIV, ..."),
+    _ts("receipt_at"),
+)
+Index("ix_messages_destination_created", messages.c.destination, messages.c.created_at)
+Index("ix_messages_created", messages.c.created_at)
+
+message_parts = Table(
+    "message_parts",
+    metadata,
+    Column("route", String(64), primary_key=True),
+    Column("message_id", String(64), primary_key=True, comment="The route's id of this part."),
+    Column("message", Integer, ForeignKey("messages.id"), nullable=False),
+    Column("part", Integer, nullable=False, comment="1-based."),
+)
+Index("ix_message_parts_message", message_parts.c.message)
 
 api_tokens = Table(
     "api_tokens",

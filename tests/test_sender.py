@@ -1,0 +1,287 @@
+"""The bundled sender against real SMPP servers on loopback (simnet's SMSC) and a real database:
+routing by the table's weights, failover on refusal and on a lost bind, tests pinned to their
+route, idempotency keys, receipts applied to messages and to test results, and bad input refused
+with the field named."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from controller.sender import messages
+from controller.sender.messages import IdempotencyConflict
+from controller.sender.sender import MessageRequest, Sender, SendRefused, SendUnavailable
+from controller.storage import schema as s
+from controller.submit import SubmitError, SubmitRequest
+from probe_agent.protocol import RouteChoice, RoutingTable
+from simnet.smsc import SmscServer
+
+GB_MOBILE = "+447400123456"  # phonenumbers' example GB mobile (carrier: Three)
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+def choice(route: str, weight: float, role: str = "backup") -> RouteChoice:
+    return RouteChoice(
+        route=route, weight=weight, score=0.9 if role != "excluded" else 0.1, role=role, reason=role
+    )
+
+
+def table(version: int, *choices: RouteChoice) -> RoutingTable:
+    return RoutingTable(
+        version=version, created_at=NOW, exploration_share=0.05, networks={"23420": list(choices)}
+    )
+
+
+@pytest.fixture
+async def smscs() -> AsyncIterator[dict[str, SmscServer]]:
+    servers = {
+        name: SmscServer(system_id=name, password="pw", name=name) for name in ("direct", "backup", "grey")
+    }
+    for server in servers.values():
+        await server.start()
+    yield servers
+    for server in servers.values():
+        await server.stop()
+
+
+async def seed_routes(engine: AsyncEngine, servers: dict[str, SmscServer]) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(
+            s.networks.insert().values(mcc_mnc="23420", country="GB", operator="Three", smsc_addresses=[])
+        )
+        await conn.execute(
+            s.routes.insert(),
+            [
+                {
+                    "name": name,
+                    "connector": {
+                        "kind": "smpp",
+                        "host": "127.0.0.1",
+                        "port": server.port,
+                        "system_id": name,
+                        "password": "pw",
+                        "reconnect_min_s": 0.1,
+                        "reconnect_max_s": 0.5,
+                        "response_timeout_s": 2.0,
+                    },
+                    "prices": {"23420": 0.02},
+                    "enabled": True,
+                }
+                for name, server in servers.items()
+            ],
+        )
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def sender(database: AsyncEngine, smscs: dict[str, SmscServer]) -> AsyncIterator[Sender]:
+    await seed_routes(database, smscs)
+    sender = Sender(database)
+    await sender.start()
+
+    async def all_bound() -> bool:
+        return all(h.bound for h in sender.health())
+
+    await eventually(all_bound)
+    yield sender
+    await sender.stop()
+
+
+async def message_row(engine: AsyncEngine, message: int) -> Any:
+    async with engine.connect() as conn:
+        return await messages.get(conn, message)
+
+
+async def test_a_message_goes_by_the_table_and_its_receipt_marks_it_delivered(
+    sender: Sender, smscs: dict[str, SmscServer], database: AsyncEngine
+) -> None:
+    sender.use_table(table(1, choice("direct", 1.0, "primary"), choice("grey", 0.0, "excluded")))
+    outcome = await sender.send(
+        MessageRequest(to="07400 123456", sender="MyBank", text="Your code is 123456", default_region="GB")
+    )
+    assert outcome.created and outcome.status == "submitted" and outcome.route == "direct"
+    assert [m.text for m in smscs["direct"].submits] == ["Your code is 123456"]
+    assert smscs["direct"].submits[0].destination_addr == GB_MOBILE[1:]
+    assert smscs["grey"].submits == [] and smscs["backup"].submits == []
+
+    async def delivered() -> bool:
+        row = await message_row(database, outcome.id)
+        return bool(row and row["status"] == "delivered")
+
+    await eventually(delivered)  # the SMSC sends a receipt by itself (registered_delivery)
+    row = await message_row(database, outcome.id)
+    assert row["destination"] == GB_MOBILE and row["mcc_mnc"] == "23420" and row["region"] == "GB"
+    assert row["decision"]["table_version"] == 1 and row["decision"]["attempts"] == []
+    assert row["message_ids"] == [smscs["direct"].submits[0].message_id]
+    assert [r["status"] for r in row["receipts"]] == ["DELIVRD"]
+
+
+async def test_weights_share_the_traffic_and_a_new_table_takes_effect_at_once(
+    sender: Sender, smscs: dict[str, SmscServer]
+) -> None:
+    sender.use_table(table(1, choice("direct", 0.7, "primary"), choice("backup", 0.3)))
+    for i in range(200):
+        await sender.send(MessageRequest(to=GB_MOBILE, sender="MyBank", text=f"hello {i}"))
+    direct, backup = len(smscs["direct"].submits), len(smscs["backup"].submits)
+    assert direct + backup == 200 and 110 <= direct <= 170, (direct, backup)
+    sender.use_table(table(2, choice("backup", 1.0, "primary"), choice("direct", 0.0, "excluded")))
+    for i in range(20):
+        await sender.send(MessageRequest(to=GB_MOBILE, sender="MyBank", text=f"after {i}"))
+    assert len(smscs["direct"].submits) == direct and len(smscs["backup"].submits) == backup + 20
+
+
+async def test_a_refusing_route_fails_over_and_the_decision_says_so(
+    sender: Sender, smscs: dict[str, SmscServer], database: AsyncEngine
+) -> None:
+    """Tried: the primary answers every submit with ESME_RSYSERR; then its SMSC is stopped
+    (a lost bind). Both times the message goes out on the backup, with the attempt recorded."""
+    sender.use_table(table(1, choice("direct", 0.95, "primary"), choice("backup", 0.05)))
+    smscs["direct"].behaviour.error_every = 1
+    first = await sender.send(MessageRequest(to=GB_MOBILE, sender="MyBank", text="one", idempotency_key="k1"))
+    assert first.route == "backup" and first.status == "submitted"
+    row = await message_row(database, first.id)
+    assert [a["route"] for a in row["decision"]["attempts"]] == ["direct"]
+    assert "failed over to backup" in row["decision"]["reason"]
+    assert [m.text for m in smscs["backup"].submits] == ["one"]
+
+    await smscs["direct"].stop()
+
+    async def unbound() -> bool:
+        return not next(h for h in sender.health() if h.route == "direct").bound
+
+    await eventually(unbound)
+    second = await sender.send(MessageRequest(to=GB_MOBILE, sender="MyBank", text="two"))
+    assert second.route == "backup"
+    row = await message_row(database, second.id)
+    assert "not bound" in row["decision"]["attempts"][0]["error"]
+
+
+async def test_no_route_takes_it_then_the_message_failed(
+    sender: Sender, smscs: dict[str, SmscServer]
+) -> None:
+    sender.use_table(table(1, choice("direct", 1.0, "primary")))
+    smscs["direct"].behaviour.error_every = 1
+    outcome = await sender.send(MessageRequest(to=GB_MOBILE, sender="MyBank", text="x"))
+    assert (
+        outcome.status == "failed" and outcome.route is None and outcome.error and "direct" in outcome.error
+    )
+
+
+async def test_an_idempotency_key_sends_once(sender: Sender, smscs: dict[str, SmscServer]) -> None:
+    sender.use_table(table(1, choice("direct", 1.0, "primary")))
+    request = MessageRequest(to=GB_MOBILE, sender="MyBank", text="once", idempotency_key="order-42")
+    first, again = await sender.send(request), await sender.send(request)
+    assert first.created and not again.created and again.id == first.id and again.route == "direct"
+    concurrent = await asyncio.gather(
+        *(
+            sender.send(MessageRequest(to=GB_MOBILE, sender="MyBank", text="c", idempotency_key="c"))
+            for _ in range(5)
+        )
+    )
+    assert len({o.id for o in concurrent}) == 1 and sum(o.created for o in concurrent) == 1
+    assert [m.text for m in smscs["direct"].submits].count("once") == 1
+    assert [m.text for m in smscs["direct"].submits].count("c") == 1
+    with pytest.raises(IdempotencyConflict, match="order-42"):
+        await sender.send(
+            MessageRequest(to=GB_MOBILE, sender="MyBank", text="other", idempotency_key="order-42")
+        )
+
+
+async def test_bad_input_is_refused_naming_the_field(sender: Sender) -> None:
+    sender.use_table(table(1, choice("direct", 1.0, "primary")))
+    with pytest.raises(SendRefused) as landline:
+        await sender.send(MessageRequest(to="+442079460000", sender="MyBank", text="x"))
+    assert landline.value.field == "to" and "fixed" in landline.value.reason
+    with pytest.raises(SendRefused) as invalid:
+        await sender.send(MessageRequest(to="12", sender="MyBank", text="x"))
+    assert invalid.value.field == "to"
+    with pytest.raises(SendRefused) as us_alpha:
+        await sender.send(MessageRequest(to="+12015550123", sender="MyBank", text="x"))
+    assert us_alpha.value.field == "from"
+    with pytest.raises(SendRefused, match="network of \\+4915123456789 is unknown") as unknown:
+        await sender.send(MessageRequest(to="+4915123456789", sender="MyBank", text="x"))
+    assert unknown.value.field == "to"
+    sender.use_table(table(2, choice("grey", 1.0, "excluded")))
+    with pytest.raises(SendUnavailable, match="no usable route for network 23420"):
+        await sender.send(MessageRequest(to=GB_MOBILE, sender="MyBank", text="x"))
+
+
+async def test_a_test_is_pinned_to_its_route_even_when_the_table_excludes_it(
+    sender: Sender, smscs: dict[str, SmscServer], database: AsyncEngine
+) -> None:
+    sender.use_table(table(1, choice("direct", 1.0, "primary"), choice("grey", 0.0, "excluded")))
+    async with database.begin() as conn:
+        await conn.execute(
+            s.probes.insert().values(
+                imsi="234200000000001", msisdn=GB_MOBILE, mcc_mnc="23420", connected=True, updated_at=NOW
+            )
+        )
+        await conn.execute(
+            s.test_cases.insert().values(
+                id=7,
+                token="123456-ABCD",
+                route="grey",
+                imsi="234200000000001",
+                msisdn=GB_MOBILE,
+                mcc_mnc="23420",
+                sender="MyBank",
+                text="Your code is 123456 ABCD",
+                template="otp",
+                scheduled_at=NOW,
+                deadline_at=NOW + timedelta(minutes=10),
+                status="submitting",
+            )
+        )
+    submitted = await sender.submit(
+        SubmitRequest(
+            test_case_id=7, route="grey", msisdn=GB_MOBILE, sender="MyBank", text="Your code is 123456 ABCD"
+        )
+    )
+    assert [m.text for m in smscs["grey"].submits] == ["Your code is 123456 ABCD"]
+    assert submitted.message_id == smscs["grey"].submits[0].message_id
+    smscs["grey"].behaviour.error_every = 1
+    with pytest.raises(SubmitError):
+        await sender.submit(
+            SubmitRequest(test_case_id=7, route="grey", msisdn=GB_MOBILE, sender="MyBank", text="again")
+        )
+    assert smscs["direct"].submits == [], "a test never fails over to another route"
+    with pytest.raises(SubmitError, match="no connector"):
+        await sender.submit(
+            SubmitRequest(test_case_id=7, route="nowhere", msisdn=GB_MOBILE, sender="MyBank", text="x")
+        )
+
+    async def receipt_stored() -> bool:
+        async with database.connect() as conn:
+            rows = list(await conn.execute(select(s.receipts).where(s.receipts.c.route == "grey")))
+        return any(r.message_id == submitted.message_id for r in rows)
+
+    await eventually(receipt_stored)
+
+
+async def test_a_changed_route_gets_a_new_connector_and_a_bad_one_is_named(
+    sender: Sender, smscs: dict[str, SmscServer], database: AsyncEngine
+) -> None:
+    async with database.begin() as conn:
+        await conn.execute(
+            s.routes.update().where(s.routes.c.name == "grey").values(connector={"kind": "smpp", "hots": "x"})
+        )
+        await conn.execute(s.routes.update().where(s.routes.c.name == "backup").values(enabled=False))
+    await sender.sync_routes()
+    assert [h.route for h in sender.health()] == ["direct"]
+    assert "connector.host" in sender.stats.invalid_connectors["grey"]
+    with pytest.raises(SubmitError, match=r"connector\.host"):
+        await sender.submit(
+            SubmitRequest(test_case_id=1, route="grey", msisdn=GB_MOBILE, sender="MyBank", text="x")
+        )
