@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from probe_agent.config import BrokerConfig, load_model
 from probe_agent.protocol import DEFAULT_PREFIX
@@ -223,6 +223,47 @@ class ScheduleConfig(Strict):
     dispatch_batch: int = Field(200, ge=1, description="Most due tests taken in one dispatch pass.")
 
 
+class SenderConfig(Strict):
+    """The bundled sender: route connectors (settings stored with each route), number plan and
+    country rules."""
+
+    enabled: bool = Field(
+        True, description="Run the sender here: connect the routes, submit tests, take POST /messages."
+    )
+    rules_file: Path | None = Field(
+        None, description="Per-country rules (sender types, promotional quiet hours); none: the bundled file."
+    )
+    prefix_file: Path | None = Field(
+        None, description="CSV prefix,mcc_mnc: the network of number ranges, over phonenumbers' carrier data."
+    )
+    portability_file: Path | None = Field(
+        None, description="CSV number,mcc_mnc: ported numbers, over everything else."
+    )
+    sync_interval_s: float = Field(
+        10.0, gt=0, description="How often route changes reach the connectors, seconds."
+    )
+
+    @field_validator("rules_file", "prefix_file", "portability_file")
+    @classmethod
+    def _file_loads(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        """Each file is read now, so a missing one or a bad line is a config error naming it."""
+        from controller.sender.numbers import NumberPlan
+        from controller.sender.rules import load_rules
+
+        if path is None:
+            return None
+        try:
+            if info.field_name == "rules_file":
+                load_rules(path)
+            elif info.field_name == "prefix_file":
+                NumberPlan.load((), prefix_file=path)
+            else:
+                NumberPlan.load((), portability_file=path)
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+        return path
+
+
 class ControllerConfig(Strict):
     """``controller.toml``."""
 
@@ -245,6 +286,7 @@ class ControllerConfig(Strict):
         ScheduleConfig(), description="Campaign scheduling and the submit of due tests."
     )
     api: ApiConfig = Field(ApiConfig(), description="The REST API: listen address, paging, tokens.")
+    sender: SenderConfig = Field(SenderConfig(), description="The bundled sender.")
 
 
 def load(path: str | Path) -> ControllerConfig:

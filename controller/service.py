@@ -20,6 +20,8 @@ from controller.config import ControllerConfig
 from controller.ingest import Ingest
 from controller.mqtt import ControllerLink
 from controller.schedule import Scheduler
+from controller.sender.rules import load_rules
+from controller.sender.sender import Sender
 from controller.storage.db import open_database
 from controller.submit import NoSender, Submitter
 from probe_agent.protocol import RoutingTable, Topics
@@ -38,7 +40,11 @@ async def _sweep(ingest: Ingest, interval_s: float) -> None:
 
 
 async def _routing(
-    engine: AsyncEngine, config: ControllerConfig, link: ControllerLink, topics: Topics
+    engine: AsyncEngine,
+    config: ControllerConfig,
+    link: ControllerLink,
+    topics: Topics,
+    sender: Sender | None = None,
 ) -> None:
     """Recompute the scores and rebuild the routing table every interval; publish the current
     version (retained) until the broker has it, so a table built while the broker was away goes
@@ -53,6 +59,8 @@ async def _routing(
             next_rebuild = loop.time() + interval_s
             try:
                 table, _ = await routing.rebuild(engine, config.scoring, config.routing, datetime.now(UTC))
+                if sender is not None:
+                    sender.use_table(table)
             except Exception:
                 log.exception("rebuilding the routing table failed; retrying in %.0f s", interval_s)
         if table is not None and table.version != published:
@@ -64,12 +72,22 @@ async def _routing(
         await asyncio.sleep(1.0 if waiting else max(0.0, next_rebuild - loop.time()))
 
 
+async def _sync_routes(sender: Sender, interval_s: float) -> None:
+    """Bring the sender's connectors in line with the routes table every ``interval_s``."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await sender.sync_routes()
+        except Exception:
+            log.exception("syncing the route connectors failed; retrying in %.0f s", interval_s)
+
+
 async def serve(config: ControllerConfig, stop: asyncio.Event, submitter: Submitter | None = None) -> None:
     """Run the controller until ``stop`` is set; every observation taken is written first.
 
-    ``submitter`` sends the scheduled tests (the bundled sender); without one they are planned
-    and refused at submit, each with that reason. Raises ``DatabaseUnavailable`` or
-    ``ApiStartError`` when it cannot start.
+    ``submitter`` sends the scheduled tests; by default the bundled sender does (``[sender]``),
+    and with the sender disabled they are planned and refused at submit, each with that reason.
+    Raises ``DatabaseUnavailable`` or ``ApiStartError`` when it cannot start.
     """
     engine = await open_database(config.database_url)
     # Ingest keeps many short-lived objects in flight; the default collector thresholds made
@@ -91,8 +109,22 @@ async def serve(config: ControllerConfig, stop: asyncio.Event, submitter: Submit
     tasks: list[asyncio.Task[None]] = []
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(engine.dispose)
+        sender: Sender | None = None
+        if config.sender.enabled:
+            sender = Sender(
+                engine,
+                rules=load_rules(config.sender.rules_file),
+                prefix_file=config.sender.prefix_file,
+                portability_file=config.sender.portability_file,
+            )
+            await sender.start()
+            stack.push_async_callback(sender.stop)
+            tasks.append(
+                asyncio.create_task(_sync_routes(sender, config.sender.sync_interval_s), name="routes")
+            )
+            submitter = submitter or sender
         if config.api.enabled:
-            urls = await stack.enter_async_context(serving(engine, config))
+            urls = await stack.enter_async_context(serving(engine, config, sender))
             log.info("REST API at %s", ", ".join(urls))
         if config.schedule.enabled:
             if submitter is None:
@@ -104,7 +136,7 @@ async def serve(config: ControllerConfig, stop: asyncio.Event, submitter: Submit
             asyncio.create_task(link.run(), name="mqtt"),
             asyncio.create_task(clock.run(), name="clock sync"),
             asyncio.create_task(_sweep(ingest, config.correlation.sweep_interval_s), name="deadline sweep"),
-            asyncio.create_task(_routing(engine, config, link, topics), name="routing table"),
+            asyncio.create_task(_routing(engine, config, link, topics, sender), name="routing table"),
         ]
         log.info("controller serving (session %s)", link.session)
         try:

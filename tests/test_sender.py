@@ -285,3 +285,65 @@ async def test_a_changed_route_gets_a_new_connector_and_a_bad_one_is_named(
         await sender.submit(
             SubmitRequest(test_case_id=1, route="grey", msisdn=GB_MOBILE, sender="MyBank", text="x")
         )
+
+
+async def test_the_send_api_conversions_and_connector_health(
+    sender: Sender, smscs: dict[str, SmscServer], database: AsyncEngine
+) -> None:
+    """Through the REST API on a real server: send (201, then 200 for the same idempotency key,
+    sent once), get it with its receipt, list by number, bad input named, a conversion stored
+    for the route and network that carried it, the connectors' health."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from controller.api.app import make_app
+    from controller.api.tokens import add_token
+    from tests.test_api import controller_config
+
+    sender.use_table(table(1, choice("direct", 1.0, "primary")))
+    client = TestClient(TestServer(make_app(database, controller_config(), sender)))
+    await client.start_server()
+    auth = {"Authorization": f"Bearer {await add_token(database, 'ops', 'operator')}"}
+    try:
+        body = {"to": GB_MOBILE, "from": "MyBank", "text": "Your code is 424242"}
+        headers = {**auth, "Idempotency-Key": "login-1"}
+        first = await client.post("/api/v1/messages", json=body, headers=headers)
+        assert first.status == 201, await first.text()
+        sent = await first.json()
+        assert sent["route"] == "direct" and sent["status"] in ("submitted", "delivered")
+        again = await client.post("/api/v1/messages", json=body, headers=headers)
+        assert again.status == 200 and (await again.json())["id"] == sent["id"]
+        assert [m.text for m in smscs["direct"].submits] == ["Your code is 424242"]
+
+        async def delivered() -> bool:
+            got = await client.get(f"/api/v1/messages/{sent['id']}", headers=auth)
+            return bool((await got.json())["status"] == "delivered")
+
+        await eventually(delivered)
+        got = await (await client.get(f"/api/v1/messages/{sent['id']}", headers=auth)).json()
+        assert got["receipts"][0]["status"] == "DELIVRD" and got["decision"]["table_version"] == 1
+        listed = await (await client.get(f"/api/v1/messages?to=%2B{GB_MOBILE[1:]}", headers=auth)).json()
+        assert [m["id"] for m in listed["items"]] == [sent["id"]]
+
+        landline = await client.post("/api/v1/messages", json={**body, "to": "+442079460000"}, headers=auth)
+        assert landline.status == 400 and (await landline.json())["field"] == "to"
+        missing = await client.post("/api/v1/messages", json={"to": GB_MOBILE, "text": "x"}, headers=auth)
+        assert missing.status == 400 and (await missing.json())["field"] == "from"
+        reused = await client.post("/api/v1/messages", json={**body, "text": "other"}, headers=headers)
+        assert reused.status == 409 and (await reused.json())["field"] == "idempotency_key"
+
+        conversion = await client.post(
+            "/api/v1/conversions", json={"message_id": sent["id"], "converted": True}, headers=auth
+        )
+        assert conversion.status == 201, await conversion.text()
+        stored = await conversion.json()
+        assert (stored["route"], stored["mcc_mnc"], stored["converted"]) == ("direct", "23420", True)
+        unknown = await client.post(
+            "/api/v1/conversions", json={"message_id": 999, "converted": False}, headers=auth
+        )
+        assert unknown.status == 404
+
+        health = await (await client.get("/api/v1/connectors", headers=auth)).json()
+        direct = next(c for c in health["items"] if c["route"] == "direct")
+        assert direct["bound"] and direct["kind"] == "smpp" and direct["acknowledged"] >= 1
+    finally:
+        await client.close()

@@ -21,13 +21,14 @@ from aiohttp import web
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from controller.api import campaigns, fleet, meta, results, routes, scores
+from controller.api import campaigns, fleet, messages, meta, results, routes, scores
 from controller.api.auth import CALLER, TOUCHED, auth_middleware
 from controller.api.auth import OPERATIONS as OPERATIONS_KEY
 from controller.api.errors import ApiError, ErrorBody
 from controller.api.openapi import build_document, dumps
 from controller.api.ops import API_CONFIG, API_ROOT, ENGINE, Operation, handler, json_response
 from controller.config import ControllerConfig
+from controller.sender.sender import Sender
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ OPERATIONS: tuple[Operation, ...] = (
     *campaigns.OPERATIONS,
     *results.OPERATIONS,
     *scores.OPERATIONS,
+    *messages.OPERATIONS,
 )
 HEALTH_PATH = f"{API_ROOT}/health"
 #: The id of the request being handled, for log lines and the 500 message.
@@ -140,8 +142,8 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
         CALLER.reset(ids[1])
 
 
-def make_app(engine: AsyncEngine, config: ControllerConfig) -> web.Application:
-    """The REST API on ``engine``, configured by ``config.api``."""
+def make_app(engine: AsyncEngine, config: ControllerConfig, sender: Sender | None = None) -> web.Application:
+    """The REST API on ``engine``, configured by ``config.api``; ``sender`` sends messages."""
     app = web.Application(
         middlewares=[access_log_middleware, error_middleware, auth_middleware],
         client_max_size=config.api.max_body_bytes,
@@ -149,6 +151,8 @@ def make_app(engine: AsyncEngine, config: ControllerConfig) -> web.Application:
     app[ENGINE] = engine
     app[API_CONFIG] = config.api
     app[TOUCHED] = {}
+    if sender is not None:
+        app[messages.SENDER] = sender
     app[OPERATIONS_KEY] = {(op.method, op.full_path): op for op in OPERATIONS}
     app[meta.OPENAPI_DOCUMENT] = dumps(build_document(OPERATIONS)).encode()
     for op in OPERATIONS:
@@ -157,12 +161,14 @@ def make_app(engine: AsyncEngine, config: ControllerConfig) -> web.Application:
 
 
 @asynccontextmanager
-async def serving(engine: AsyncEngine, config: ControllerConfig) -> AsyncIterator[list[str]]:
+async def serving(
+    engine: AsyncEngine, config: ControllerConfig, sender: Sender | None = None
+) -> AsyncIterator[list[str]]:
     """Serve the API while the block runs; yields its base URLs (the real port when the config
     says 0). Requests in flight get ``shutdown_timeout_s`` to finish when the block ends."""
     api = config.api
     runner = web.AppRunner(
-        make_app(engine, config),
+        make_app(engine, config, sender),
         access_log=None,
         handle_signals=False,
         shutdown_timeout=api.shutdown_timeout_s,
