@@ -107,7 +107,13 @@ async def api_both(database: AsyncEngine) -> AsyncIterator[Api]:
 def route_body(name: str = "direct-uk", **more: Any) -> dict[str, Any]:
     return {
         "name": name,
-        "connector": {"type": "smpp", "host": "smsc.example.net", "port": 2775, "password": "s3cret"},
+        "connector": {
+            "kind": "smpp",
+            "host": "smsc.example.net",
+            "port": 2775,
+            "system_id": "probe",
+            "password": "s3cret",
+        },
         "prices": {"23415": 0.021},
         **more,
     }
@@ -354,6 +360,13 @@ async def test_networks_routes_and_campaigns_crud(api_both: Api) -> None:
         (route_body("no spaces"), "name"),
         (route_body(connector="smpp"), "connector"),
         ({"name": "x"}, "connector"),
+        (
+            route_body(connector={"kind": "smpp", "host": "smsc.example.net", "port": 2775}),
+            "connector.system_id",
+        ),
+        (route_body(connector={"kind": "smpp", "hots": "typo"}), "connector.host"),
+        (route_body(connector={"kind": "carrier-pigeon"}), "connector"),
+        (route_body(connector={"kind": "http", "url": "ftp://x", "body_template": {}}), "connector.url"),
     ):
         status, body, _ = await api.call("POST", "/routes", role="operator", body=bad)
         assert status == 400 and body["field"] == where, (bad, body)

@@ -347,3 +347,141 @@ async def test_the_send_api_conversions_and_connector_health(
         assert direct["bound"] and direct["kind"] == "smpp" and direct["acknowledged"] >= 1
     finally:
         await client.close()
+
+
+async def test_conversion_feedback_through_the_api_changes_the_score(database: AsyncEngine) -> None:
+    """Two routes equal on every measured result; conversion reports through the API (90% for
+    one, 50% for the other) make the first score higher once enough are in."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from controller import scoring
+    from controller.api.app import make_app
+    from controller.api.tokens import add_token
+    from controller.config import ScoringConfig
+    from tests.test_api import controller_config
+    from tests.test_scoring import NET, insert_results, series
+    from tests.test_scoring import NOW as SCORED_AT
+
+    async with database.begin() as conn:
+        await insert_results(conn, series("good", 30, 30) + series("poor", 30, 30))
+        ids = {}
+        for route in ("good", "poor"):
+            ids[route] = [
+                (
+                    await conn.execute(
+                        s.messages.insert()
+                        .values(
+                            created_at=SCORED_AT - timedelta(hours=1),
+                            kind="api",
+                            destination="+33612345678",
+                            region="FR",
+                            mcc_mnc=NET,
+                            sender="MyBank",
+                            text="code",
+                            route=route,
+                            decision={},
+                            status="delivered",
+                        )
+                        .returning(s.messages.c.id)
+                    )
+                ).scalar_one()
+                for _ in range(40)
+            ]
+    before = {sc.route: sc for sc in await scoring.recompute(database, ScoringConfig(), SCORED_AT)}
+    assert before["good"].score == pytest.approx(before["poor"].score)
+
+    client = TestClient(TestServer(make_app(database, controller_config())))
+    await client.start_server()
+    auth = {"Authorization": f"Bearer {await add_token(database, 'app', 'operator')}"}
+    try:
+        for route, rate in (("good", 9), ("poor", 5)):
+            for i, message in enumerate(ids[route]):
+                at = (SCORED_AT - timedelta(minutes=i)).isoformat()
+                answer = await client.post(
+                    "/api/v1/conversions",
+                    json={"message_id": message, "converted": i % 10 < rate, "at": at},
+                    headers=auth,
+                )
+                assert answer.status == 201, await answer.text()
+    finally:
+        await client.close()
+    after = {sc.route: sc for sc in await scoring.recompute(database, ScoringConfig(), SCORED_AT)}
+    assert after["good"].stats["conversion_rate"] == pytest.approx(0.9, abs=0.02)
+    assert after["poor"].stats["conversion_rate"] == pytest.approx(0.5, abs=0.02)
+    assert (after["poor"].score or 1.0) < (after["good"].score or 0.0)
+
+
+async def test_an_http_route_sends_and_its_webhook_receipt_reaches_the_message(database: AsyncEngine) -> None:
+    """A provider over HTTP (a real aiohttp server on loopback): the sender routes a message to
+    it, the provider posts the receipt to our webhook, the message becomes delivered; a wrong
+    secret is refused 401 and a route without an HTTP connector 404."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from controller.api.app import make_app
+    from tests.test_api import controller_config
+
+    sent: list[dict[str, Any]] = []
+
+    async def accept(request: web.Request) -> web.Response:
+        sent.append(await request.json())
+        return web.json_response({"messages": [{"status": "0", "message-id": f"prov-{len(sent)}"}]})
+
+    provider = web.Application()
+    provider.router.add_post("/sms", accept)
+    runner = web.AppRunner(provider)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    async with database.begin() as conn:
+        await conn.execute(
+            s.networks.insert().values(mcc_mnc="23420", country="GB", operator="Three", smsc_addresses=[])
+        )
+        await conn.execute(
+            s.routes.insert().values(
+                name="provider",
+                prices={},
+                enabled=True,
+                connector={
+                    "kind": "http",
+                    "url": f"http://{host}:{port}/sms",
+                    "auth": {"type": "bearer", "token": "t0ken"},
+                    "body_template": {"to": "{to_digits}", "from": "{from}", "text": "{text}"},
+                    "message_id_path": "messages.0.message-id",
+                    "status_path": "messages.0.status",
+                    "success_values": ["0"],
+                    "receipt": {
+                        "message_id_field": "messageId",
+                        "status_field": "status",
+                        "status_map": {"delivered": "DELIVRD", "failed": "UNDELIV"},
+                        "secret": "hook-secret",
+                    },
+                },
+            )
+        )
+    sender = Sender(database)
+    await sender.start()
+    client = TestClient(TestServer(make_app(database, controller_config(), sender)))
+    await client.start_server()
+    try:
+        sender.use_table(table(1, choice("provider", 1.0, "primary")))
+        outcome = await sender.send(MessageRequest(to=GB_MOBILE, sender="MyBank", text="Grüße 🚀"))
+        assert outcome.route == "provider" and sent == [
+            {"to": GB_MOBILE[1:], "from": "MyBank", "text": "Grüße 🚀"}
+        ]
+        hook = "/api/v1/receipts/provider"
+        receipt = {"messageId": "prov-1", "status": "delivered"}
+        wrong = await client.post(hook, json=receipt, headers={"X-Webhook-Secret": "guess"})
+        assert wrong.status == 401
+        taken = await client.post(hook, json=receipt, headers={"X-Webhook-Secret": "hook-secret"})
+        assert taken.status == 200, await taken.text()
+        assert (await taken.json())["message"] == outcome.id
+        row = await message_row(database, outcome.id)
+        assert row["status"] == "delivered" and row["receipts"][0]["status"] == "DELIVRD"
+        unknown = await client.post("/api/v1/receipts/nowhere", json=receipt)
+        assert unknown.status == 404
+    finally:
+        await client.close()
+        await sender.stop()
+        await runner.cleanup()

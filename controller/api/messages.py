@@ -17,9 +17,11 @@ from pydantic import AwareDatetime, Field
 from sqlalchemy import select
 
 from controller.api.errors import ApiError, bad_request, conflict, not_found
-from controller.api.ops import Call, In, Operation, Out, id_param, json_response
+from controller.api.inputs import ROUTE_NAME_PATTERN, path_text
+from controller.api.ops import Call, In, Operation, Out, id_param, json_response, string_param
 from controller.api.paging import Order, Page, PageQuery, where_given
 from controller.sender import messages
+from controller.sender.http import HttpConnector, WebhookError
 from controller.sender.sender import MessageRequest, Sender, SendRefused, SendUnavailable
 from controller.storage import schema as s
 
@@ -115,6 +117,16 @@ class ConversionOut(Out):
     mcc_mnc: str = Field(description="The network it went to.")
     converted: bool = Field(description="Converted or not.")
     at: datetime = Field(description="When it happened.")
+
+
+class ReceiptAccepted(Out):
+    """A provider's delivery receipt, taken."""
+
+    message_id: str = Field(description="The provider's message id it is for.")
+    status: str = Field(description="Its state as an SMPP stat word (DELIVRD, UNDELIV, ...).")
+    message: int | None = Field(
+        description="Our message it belongs to; null when not known (kept all the same)."
+    )
 
 
 class ConnectorOut(Out):
@@ -244,9 +256,37 @@ async def list_connectors(call: Call) -> ConnectorList:
     return ConnectorList(items=items)
 
 
+async def receive_receipt(call: Call) -> ReceiptAccepted:
+    """A delivery receipt posted by an HTTP provider (the webhook URL to give it), read as the
+    route's ``receipt`` settings say; authenticated by the route's shared secret, not a token."""
+    route = path_text(call.request, "route", "route", ROUTE_NAME_PATTERN)
+    sender = _sender(call)
+    connector = sender.connector(route)
+    if not isinstance(connector, HttpConnector):
+        raise not_found(f"route {route!r} has no HTTP connector on this controller", "route")
+    body = await call.request.read()
+    try:
+        receipt = connector.receipt(call.request.headers, body, call.request.content_type)
+    except WebhookError as exc:
+        raise ApiError(exc.status, exc.reason) from None
+    message = await sender.receipt(route, receipt)
+    return ReceiptAccepted(message_id=receipt.message_id, status=receipt.stat, message=message)
+
+
 _ID = {"id": id_param("Message id.")}
 
 OPERATIONS = (
+    Operation(
+        "POST",
+        "/receipts/{route}",
+        receive_receipt,
+        "Take a delivery receipt from an HTTP provider (its webhook)",
+        "messages",
+        ReceiptAccepted,
+        role=None,
+        errors=(401, 404, 415, 503),
+        path_params={"route": string_param("Route name.", ROUTE_NAME_PATTERN)},
+    ),
     Operation(
         "POST",
         "/messages",

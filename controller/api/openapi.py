@@ -29,12 +29,14 @@ API_VERSION = "1"
 
 _ERRORS = {
     400: "Bad request: the error names the field, query parameter or path part at fault.",
-    401: "No token, or an unknown or revoked one (with WWW-Authenticate: Bearer).",
+    401: "No token, or an unknown or revoked one (with WWW-Authenticate: Bearer); for a webhook, a "
+    "missing or wrong shared secret.",
     403: "The token's role may not do this.",
     404: "No such object.",
     409: "Conflicts with what is stored (a duplicate name, an object still referred to).",
     413: "The request body is larger than the server accepts.",
-    503: "The database is unreachable.",
+    415: "The body is in a form this operation does not read.",
+    503: "The database is unreachable; for messages, no sender or no route can take one now.",
 }
 #: Where each (model, mode) schema is, as pydantic's models_json_schema answers.
 Refs = Mapping[tuple[type[Any], str], dict[str, Any]]

@@ -10,15 +10,16 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from controller.api.errors import bad_request, conflict, not_found
+from controller.api.errors import bad_request, conflict, from_validation, not_found
 from controller.api.inputs import ROUTE_NAME_PATTERN, RouteName, no_nulls, path_text
 from controller.api.ops import Call, In, Operation, Out, string_param
 from controller.api.paging import Order, Page, PageQuery, where_given
+from controller.sender.connectors import validate_connector
 from controller.storage import schema as s
 from probe_agent.protocol import MccMnc
 
@@ -28,8 +29,9 @@ MASK = "***"
 
 Price = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 _CONNECTOR = (
-    "Connector settings as a JSON object (SMPP or HTTP, as the sender defines them); values of keys "
-    f"naming a password, secret, token or key are answered as {MASK!r}."
+    'Connector settings: {"kind": "smpp", ...} (controller/sender/smpp.py) or {"kind": "http", ...} '
+    "(controller/sender/http.py), or {} for none; values of keys naming a password, secret, token or "
+    f"key are answered as {MASK!r}."
 )
 
 
@@ -92,11 +94,18 @@ def _echoes_mask(value: Any) -> bool:
     return False
 
 
-def _check_secrets(connector: dict[str, Any]) -> None:
+def _check_connector(connector: dict[str, Any]) -> None:
+    """A real secret, not the mask read back; settings the sender can use (``{}``: no connector,
+    the route is not sent on by this controller)."""
     if _echoes_mask(connector):
         raise bad_request(
             f"connector: send the real secret, not {MASK!r} (or leave connector out)", "connector"
         )
+    if connector:
+        try:
+            validate_connector(connector)
+        except ValidationError as exc:
+            raise from_validation(exc, prefix="connector") from None
 
 
 def _out(row: Any) -> RouteOut:
@@ -127,7 +136,7 @@ async def get_route(call: Call) -> RouteOut:
 async def create_route(call: Call) -> RouteOut:
     """Add a route; its name must be new."""
     body = call.body(RouteIn)
-    _check_secrets(body.connector)
+    _check_connector(body.connector)
     values = body.model_dump()
     taken = conflict(f"route {body.name!r} exists: change it with PATCH", "name")
     try:
@@ -147,7 +156,7 @@ async def update_route(call: Call) -> RouteOut:
         call.body(RouteUpdate).model_dump(exclude_unset=True), "connector", "prices", "enabled"
     )
     if "connector" in changes:
-        _check_secrets(changes["connector"])
+        _check_connector(changes["connector"])
     async with call.engine.begin() as conn:
         if changes:
             await conn.execute(update(s.routes).where(s.routes.c.name == name).values(changes))

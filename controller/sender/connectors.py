@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import Field, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
+from controller.sender.http import HttpConnector, HttpHealth, HttpSettings
 from controller.sender.smpp import ConnectorHealth, SmppConnector, SmppSettings
 from controller.sender.smpp_wire import Pdu
 
@@ -24,7 +25,11 @@ class SmppRouteConnector(SmppSettings):
     kind: Literal["smpp"] = Field(description="The connector kind: smpp.")
 
 
-ConnectorSettings = SmppRouteConnector
+#: A route's connector settings, by ``kind``: ``smpp`` or ``http``.
+ConnectorSettings = Annotated[SmppRouteConnector | HttpSettings, Field(discriminator="kind")]
+CONNECTOR_SETTINGS: TypeAdapter[SmppRouteConnector | HttpSettings] = TypeAdapter(ConnectorSettings)
+#: A connector's health, whatever its kind.
+Health = ConnectorHealth | HttpHealth
 
 
 class Accepted(Protocol):
@@ -55,15 +60,26 @@ class Connector(Protocol):
         """Send one message (all its parts); ``SubmitError`` when the route did not take it."""
         ...
 
-    def health(self) -> ConnectorHealth:
+    def health(self) -> Health:
         """Bound or not, counters, throughput, the last error."""
         ...
 
 
-def parse_connector(route: str, data: dict[str, Any]) -> ConnectorSettings:
+def validate_connector(data: dict[str, Any]) -> SmppRouteConnector | HttpSettings:
+    """The settings in ``data``, validated by the model its ``kind`` names, so errors are located
+    as the JSON has them (``port``, not ``smpp.port``); ``ValidationError`` otherwise."""
+    kind = data.get("kind")
+    if kind == "smpp":
+        return SmppRouteConnector.model_validate(data)
+    if kind == "http":
+        return HttpSettings.model_validate(data)
+    return CONNECTOR_SETTINGS.validate_python(data)  # names the missing or unknown kind
+
+
+def parse_connector(route: str, data: dict[str, Any]) -> SmppRouteConnector | HttpSettings:
     """The settings stored with ``route``; ``ValueError`` naming the field when they are wrong."""
     try:
-        return SmppRouteConnector.model_validate(data)
+        return validate_connector(data)
     except ValidationError as exc:
         problems = "; ".join(
             f"connector.{'.'.join(str(p) for p in e['loc']) or 'kind'}: {e['msg']}" for e in exc.errors()
@@ -73,13 +89,26 @@ def parse_connector(route: str, data: dict[str, Any]) -> ConnectorSettings:
 
 def build_connector(
     route: str,
-    settings: ConnectorSettings,
+    settings: SmppRouteConnector | HttpSettings,
     *,
     on_receipt: Callable[[Pdu], Awaitable[None]] | None = None,
 ) -> Connector:
-    """The connector for ``settings`` (not started)."""
+    """The connector for ``settings`` (not started); an HTTP provider's receipts come through
+    the API's webhook instead of ``on_receipt``."""
+    if isinstance(settings, HttpSettings):
+        return HttpConnector(route, settings)
     smpp = SmppSettings.model_validate(settings.model_dump(exclude={"kind"}))
     return SmppConnector(route, smpp, on_receipt=on_receipt)
 
 
-__all__ = ["Accepted", "Connector", "ConnectorSettings", "build_connector", "parse_connector"]
+__all__ = [
+    "CONNECTOR_SETTINGS",
+    "Accepted",
+    "Connector",
+    "ConnectorSettings",
+    "Health",
+    "SmppRouteConnector",
+    "build_connector",
+    "parse_connector",
+    "validate_connector",
+]

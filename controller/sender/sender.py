@@ -29,11 +29,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from controller.sender import messages
 from controller.sender.choose import Decision, NoRoute, RoutePicker
-from controller.sender.connectors import Connector, ConnectorSettings, build_connector, parse_connector
+from controller.sender.connectors import (
+    Connector,
+    Health,
+    SmppRouteConnector,
+    build_connector,
+    parse_connector,
+)
+from controller.sender.http import HttpSettings
 from controller.sender.numbers import KnownNetwork, NumberError, NumberPlan
-from controller.sender.receipts import ReceiptError, parse_receipt
+from controller.sender.receipts import DeliveryReceipt, ReceiptError, parse_receipt
 from controller.sender.rules import RulesFile, RuleViolation, load_rules
-from controller.sender.smpp import ConnectorHealth
 from controller.sender.smpp_wire import Pdu
 from controller.storage import schema as s
 from controller.submit import SubmitError, SubmitRequest, Submitted
@@ -84,7 +90,7 @@ class SendOutcome:
 
 @dataclass
 class _Route:
-    settings: ConnectorSettings
+    settings: SmppRouteConnector | HttpSettings
     connector: Connector
 
 
@@ -156,7 +162,7 @@ class Sender:
                 prefix_file=self._prefix_file,
                 portability_file=self._portability_file,
             )
-            wanted: dict[str, ConnectorSettings] = {}
+            wanted: dict[str, SmppRouteConnector | HttpSettings] = {}
             for row in routes:
                 if not row.enabled or not row.connector:
                     continue
@@ -182,6 +188,11 @@ class Sender:
             if self._table is not None:
                 self._picker = RoutePicker(self._table, enabled=set(self._routes))
 
+    def connector(self, route: str) -> Connector | None:
+        """The running connector of ``route``, if any."""
+        found = self._routes.get(route)
+        return found.connector if found is not None else None
+
     def use_table(self, table: RoutingTable) -> None:
         """Route by ``table`` from now on; messages in flight keep their decision."""
         if self._table is not None and table.version == self._table.version:
@@ -190,7 +201,7 @@ class Sender:
         self._picker = RoutePicker(table, enabled=set(self._routes))
         log.info("sender routing by table version %d", table.version)
 
-    def health(self) -> list[ConnectorHealth]:
+    def health(self) -> list[Health]:
         """Every connector's health, by route name."""
         return [self._routes[name].connector.health() for name in sorted(self._routes)]
 
@@ -361,6 +372,13 @@ class Sender:
             self.stats.unreadable_receipts += 1
             rlog.warning("unreadable delivery receipt: %s", exc)
             return
+        await self.receipt(route, receipt)
+
+    async def receipt(self, route: str, receipt: DeliveryReceipt) -> int | None:
+        """A parsed receipt of ``route`` (SMPP, or an HTTP provider's webhook): stored, applied to
+        its message (returned; None when unknown, kept all the same) and to the test result it
+        may judge."""
+        rlog = bind(log, route=route)
         async with self._journal_lock, self.engine.begin() as conn:
             message, outcome = await messages.apply_receipt(conn, route, receipt, received_at=self._clock())
         self.stats.receipts += 1
@@ -373,6 +391,7 @@ class Sender:
             rlog.info("receipt %s for message %s", receipt.stat, message)
         if outcome.rejudged:
             rlog.info("receipt re-judged %d test result(s)", outcome.rejudged)
+        return message
 
 
 def _decision_record(
