@@ -36,9 +36,8 @@ import string
 import time
 import urllib.parse
 import uuid
-from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, NoReturn
 
@@ -46,6 +45,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from yarl import URL
 
+from controller.sender.rate import RateMeter
 from controller.sender.receipts import STATS, DeliveryReceipt
 from controller.submit import SubmitError
 from probe_agent.logs import BoundLogger, bind
@@ -54,8 +54,6 @@ log = logging.getLogger(__name__)
 
 #: The placeholders a request field template may use.
 PLACEHOLDERS: tuple[str, ...] = ("to", "to_digits", "from", "text", "reference")
-#: submit_per_s is averaged over this many seconds.
-RATE_WINDOW_S = 10
 #: Answers that mean our credentials are wrong: the route cannot send anything, so it is down.
 AUTH_FAILURE_STATUSES = frozenset({401, 403})
 #: How much of a provider's answer goes into an error message.
@@ -395,8 +393,6 @@ class _Counters:
     errors: int = 0
     throttled: int = 0
     receipts: int = 0
-    #: requests sent per whole monotonic second, for the rate.
-    per_second: deque[list[int]] = field(default_factory=deque)
 
 
 @dataclass(frozen=True)
@@ -476,7 +472,7 @@ class HttpConnector:
         #: The endpoint as logged: no credentials, no query.
         self._safe_url = str(url.with_user(None).with_query(None).with_fragment(None))
         self._in_flight = 0
-        self._started = time.monotonic()
+        self._rate = RateMeter()
         self._reachable = True
         self._failed_at = 0.0
         self._last_error: str | None = None
@@ -491,7 +487,7 @@ class HttpConnector:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self.settings.max_concurrent),
         )
-        self._started = time.monotonic()
+        self._rate.restart()
         self._log.info("HTTP connector ready for %s", self._safe_url)
 
     async def stop(self) -> None:
@@ -544,11 +540,7 @@ class HttpConnector:
     def health(self) -> HttpHealth:
         """The connector's state and counters now."""
         counters = self._counters
-        now = time.monotonic()
-        second = int(now)
-        recent = sum(count for start, count in counters.per_second if start > second - RATE_WINDOW_S)
-        span = min(float(RATE_WINDOW_S), max(now - self._started, 1e-3))
-        recovered = now - self._failed_at >= self.settings.recheck_after_s
+        recovered = time.monotonic() - self._failed_at >= self.settings.recheck_after_s
         return HttpHealth(
             route=self.name,
             kind="http",
@@ -558,7 +550,7 @@ class HttpConnector:
             errors=counters.errors,
             throttled=counters.throttled,
             in_flight=self._in_flight,
-            submit_per_s=recent / span,
+            submit_per_s=self._rate.per_s(),
             last_error=self._last_error,
             receipts=counters.receipts,
         )
@@ -717,13 +709,7 @@ class HttpConnector:
     def _count_request(self) -> None:
         counters = self._counters
         counters.submitted += 1
-        second = int(time.monotonic())
-        if counters.per_second and counters.per_second[-1][0] == second:
-            counters.per_second[-1][1] += 1
-        else:
-            counters.per_second.append([second, 1])
-            while counters.per_second[0][0] <= second - RATE_WINDOW_S:
-                counters.per_second.popleft()
+        self._rate.count()
 
 
 # -- receipts on the webhook ----------------------------------------------------------------------

@@ -127,6 +127,7 @@ class Sender:
         self._table: RoutingTable | None = None
         self._picker: RoutePicker | None = None
         self._plan = NumberPlan(())
+        self._plan_key: tuple[Any, ...] | None = None
         self._sync_lock = asyncio.Lock()
         # A receipt can come before its submit's answer is written: the two writes take turns, so
         # one of them always sees the other (in separate transactions, both could miss it).
@@ -156,12 +157,16 @@ class Sender:
                         select(s.networks.c.mcc_mnc, s.networks.c.country, s.networks.c.operator)
                     )
                 )
-            self._plan = await asyncio.to_thread(
-                NumberPlan.load,
-                [KnownNetwork(n.mcc_mnc, n.country or "", n.operator or "") for n in networks],
-                prefix_file=self._prefix_file,
-                portability_file=self._portability_file,
-            )
+            known = tuple(KnownNetwork(n.mcc_mnc, n.country or "", n.operator or "") for n in networks)
+            plan_key = (known, _modified(self._prefix_file), _modified(self._portability_file))
+            if plan_key != self._plan_key:  # a portability file can be large: read it when it changed
+                self._plan = await asyncio.to_thread(
+                    NumberPlan.load,
+                    known,
+                    prefix_file=self._prefix_file,
+                    portability_file=self._portability_file,
+                )
+                self._plan_key = plan_key
             wanted: dict[str, SmppRouteConnector | HttpSettings] = {}
             for row in routes:
                 if not row.enabled or not row.connector:
@@ -345,9 +350,13 @@ class Sender:
             attempts.append({"route": route_name, "error": error, "at": self._clock().isoformat()})
             failed = {a["route"] for a in attempts}
             route_name = picker.next_after(decision, failed)
-            rlog.warning("route did not take the message (%s); failing over to %s", error, route_name)
             if route_name is not None:
                 self.stats.failovers += 1
+            rlog.warning(
+                "route did not take the message (%s); %s",
+                error,
+                f"failing over to {route_name}" if route_name else "no route left to fail over to",
+            )
         record = _decision_record(decision, attempts)
         error = "; ".join(f"{a['route']}: {a['error']}" for a in attempts)
         async with self.engine.begin() as conn:
@@ -392,6 +401,11 @@ class Sender:
         if outcome.rejudged:
             rlog.info("receipt re-judged %d test result(s)", outcome.rejudged)
         return message
+
+
+def _modified(path: Path | None) -> float | None:
+    """When ``path`` last changed (None: no file)."""
+    return None if path is None else path.stat().st_mtime
 
 
 def _decision_record(

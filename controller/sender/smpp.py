@@ -30,7 +30,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from controller.sender import smpp_wire
 from controller.sender.parts import Encoded, encode_text
+from controller.sender.rate import RateMeter
 from controller.sender.smpp_wire import Pdu, PduError, Sequencer
 from controller.submit import SubmitError
 from probe_agent.logs import BoundLogger, bind
@@ -58,8 +59,6 @@ RETRYABLE_STATUSES = frozenset(
 )
 #: deliver_sm esm_class message types that are receipts (SMSC receipt, SME acknowledgement).
 RECEIPT_MESSAGE_TYPES = frozenset({0x04, 0x08})
-#: submit_per_s is averaged over this many seconds.
-RATE_WINDOW_S = 10
 #: Alphanumeric senders have at most 11 characters (GSM 03.40 address field); short codes 8 digits.
 MAX_ALPHANUMERIC = 11
 MAX_SHORT_CODE_DIGITS = 8
@@ -249,8 +248,6 @@ class _Counters:
     throttled: int = 0
     resent: int = 0
     receipts: int = 0
-    #: submit_sm written per whole monotonic second, for the rate.
-    per_second: deque[list[int]] = field(default_factory=deque)
 
 
 class SmppConnector:
@@ -285,7 +282,7 @@ class SmppConnector:
         self._pause_until = 0.0
         self._throttle_backoff_s = settings.throttle_backoff_s
         self._last_rx = 0.0
-        self._started = time.monotonic()
+        self._rate = RateMeter()
         self._last_bind_at: datetime | None = None
         self._last_session_bound = False
         self._last_error: str | None = None
@@ -299,7 +296,7 @@ class SmppConnector:
             return
         self._running = True
         self._stopping = False
-        self._started = time.monotonic()
+        self._rate.restart()
         self._task = asyncio.create_task(self._run(), name=f"smpp-{self.name}")
 
     async def stop(self) -> None:
@@ -361,10 +358,6 @@ class SmppConnector:
     def health(self) -> ConnectorHealth:
         """The connector's state and counters now."""
         counters = self._counters
-        now = time.monotonic()
-        second = int(now)
-        recent = sum(count for start, count in counters.per_second if start > second - RATE_WINDOW_S)
-        span = min(float(RATE_WINDOW_S), max(now - self._started, 1e-3))
         return ConnectorHealth(
             route=self.name,
             kind="smpp",
@@ -380,7 +373,7 @@ class SmppConnector:
             throttled=counters.throttled,
             resent=counters.resent,
             receipts=counters.receipts,
-            submit_per_s=recent / span,
+            submit_per_s=self._rate.per_s(),
             last_error=self._last_error,
         )
 
@@ -688,13 +681,7 @@ class SmppConnector:
         if segment.resend:
             counters.resent += 1
             segment.resend = False
-        second = int(time.monotonic())
-        if counters.per_second and counters.per_second[-1][0] == second:
-            counters.per_second[-1][1] += 1
-        else:
-            counters.per_second.append([second, 1])
-            while counters.per_second[0][0] <= second - RATE_WINDOW_S:
-                counters.per_second.popleft()
+        self._rate.count()
 
     async def _keepalive(self, writer: asyncio.StreamWriter) -> None:
         """enquire_link after ``enquire_link_s`` without a PDU from the SMSC; unanswered: lost."""
