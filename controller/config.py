@@ -78,6 +78,13 @@ class ScoringConfig(Strict):
     min_results: int = Field(
         20, ge=1, description="Fewer results than this in the window: the pair is unknown (no score)."
     )
+    keep_scored_share: float = Field(
+        0.75,
+        gt=0,
+        le=1,
+        description="A pair scored at the last recompute stays scored while it has at least this share "
+        "of min_results (hysteresis: a pair near min_results does not flap between scored and unknown).",
+    )
     confidence: float = Field(
         0.95, gt=0, lt=1, description="Level of the delivery rate's interval; its lower bound is scored."
     )

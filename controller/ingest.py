@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from controller.correlation import DEFAULT_GRACE_MS
 from controller.results import match_new_observations, sweep_deadlines, text_column
 from controller.storage import schema as s
-from controller.storage.db import dialect_insert
+from controller.storage.db import RawJson, dialect_insert
 from probe_agent.protocol import (
     AgentStatus,
     CommandResponse,
@@ -43,6 +43,9 @@ from probe_agent.protocol import (
 log = logging.getLogger(__name__)
 
 Ack = Callable[[], None]
+
+#: Full batches that may wait for the database while the next one is received.
+MAX_WRITES_AHEAD = 2
 
 
 @dataclass
@@ -113,6 +116,7 @@ class Ingest:
         self._lock = asyncio.Lock()
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[None]] = set()
+        self._behind: deque[asyncio.Task[None]] = deque()
         self._insert = dialect_insert(engine)
 
     async def handle(self, topic: str, payload: bytes, received_at: datetime, ack: Ack) -> None:
@@ -149,10 +153,28 @@ class Ingest:
                 if isinstance(message, Observation):
                     self._pending.observations[message.id] = entry
         if len(self._pending.entries) >= self.batch_max:
-            await self.flush()
+            await self._flush_behind()
         elif self._timer is None:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self.flush_interval_s, self._flush_soon)
+
+    async def _flush_behind(self) -> None:
+        """Write the full batch while the next one is received: the receive loop waits only
+        when ``MAX_WRITES_AHEAD`` batches are already waiting for the database."""
+        pending = self._take()
+        task = asyncio.get_running_loop().create_task(self._write_batch(pending, timed=True))
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+        self._behind.append(task)
+        while len(self._behind) > MAX_WRITES_AHEAD:
+            await asyncio.wait({self._behind.popleft()})
+
+    def _take(self) -> _Pending:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, _Pending()
+        return pending
 
     def _flush_soon(self) -> None:
         self._timer = None
@@ -161,42 +183,50 @@ class Ingest:
         task.add_done_callback(self._flushing.discard)
 
     async def _timed_flush(self) -> None:
-        try:
-            await self.flush()
-        except Exception:
-            log.exception("writing a batch failed; its messages stay unacknowledged")
-            if self.on_failure is not None:
-                self.on_failure()
+        await self._write_batch(self._take(), timed=True)
 
     async def flush(self) -> None:
-        """Write what is pending in one transaction, then acknowledge it. When the batch fails
-        for its data (not the database's state), each message is written on its own and the one
-        that fails goes to the dead letters, so one poison message cannot block the rest."""
+        """Write what is pending in one transaction, then acknowledge it."""
+        await self._write_batch(self._take(), timed=False)
+
+    async def _write_batch(self, pending: _Pending, *, timed: bool) -> None:
+        """Batches are written one at a time, in the order taken (the lock is fair). When a batch
+        fails for its data (not the database's state), each message is written on its own and the
+        one that fails goes to the dead letters, so one poison message cannot block the rest. A
+        batch written behind the receive loop that fails for the database's state stays
+        unacknowledged and ``on_failure`` is told, for the broker to resend it."""
         async with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            pending, self._pending = self._pending, _Pending()
             if not pending.entries:
                 return
-            try:
-                await self._write(pending)
-            except _ENVIRONMENT_ERRORS:
-                raise
-            except Exception as exc:
-                if len(pending.entries) == 1:
-                    await self._poisoned(pending.entries[0], exc)
-                    return
-                log.warning(
-                    "a batch of %d messages failed (%s: %s); writing them one at a time",
-                    len(pending.entries),
-                    type(exc).__name__,
-                    exc,
-                )
-                await self._write_each(pending)
+            if not timed:
+                await self._write_checked(pending)
                 return
-            for ack in pending.acks():
-                ack()
+            try:
+                await self._write_checked(pending)
+            except Exception:
+                log.exception("writing a batch failed; its messages stay unacknowledged")
+                if self.on_failure is not None:
+                    self.on_failure()
+
+    async def _write_checked(self, pending: _Pending) -> None:
+        try:
+            await self._write(pending)
+        except _ENVIRONMENT_ERRORS:
+            raise
+        except Exception as exc:
+            if len(pending.entries) == 1:
+                await self._poisoned(pending.entries[0], exc)
+                return
+            log.warning(
+                "a batch of %d messages failed (%s: %s); writing them one at a time",
+                len(pending.entries),
+                type(exc).__name__,
+                exc,
+            )
+            await self._write_each(pending)
+            return
+        for ack in pending.acks():
+            ack()
 
     async def _write(self, pending: _Pending) -> None:
         async with self.engine.begin() as conn:
@@ -274,7 +304,8 @@ class Ingest:
                 "ingested_at": pending.observations[obs.id].received_at,
                 "test_case_id": marks[obs.id][0],
                 "match": marks[obs.id][1],
-                "payload": obs.model_dump(mode="json"),
+                # Stored as the agent sent it (validated above), not re-encoded.
+                "payload": RawJson(pending.observations[obs.id].payload.decode()),
             }
             for obs in new
         ]

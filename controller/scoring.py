@@ -28,7 +28,9 @@ hurts. A pair that delivered nothing gets 0 for the components only a delivery c
 sender, content, grey) rather than leaving them out, so a dead route cannot score on its price.
 A pair with fewer than ``min_results`` results in the window (raw results, not weighted: a pair
 measured 20 times in the window has data, and the interval already says how old it is) is
-*unknown*: no score, so it is neither best nor worst; routing explores it.
+*unknown*: no score, so it is neither best nor worst; routing explores it. A pair that was scored
+at the last recompute stays scored down to ``keep_scored_share`` of ``min_results``, so one
+hovering around the threshold as the window slides does not flap between scored and unknown.
 
 The default weights let delivery dominate: 99 % delivered at a 2 s median ranks above 90 % at
 1 s, and above 90 % at 0.2 s until the 99 % route's median passes about 15 s (latency maps to 0..1
@@ -46,7 +48,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -259,9 +261,20 @@ def _rows(array: FloatArray) -> list[list[float | None]]:
     return [[None if v != v else v for v in row] for row in np.round(array, DECIMALS).tolist()]
 
 
-def compute(columns: Columns, now: datetime, config: ScoringConfig) -> list[Score]:
+def keep_scored_min(config: ScoringConfig) -> int:
+    """The fewest results with which a pair scored at the last recompute stays scored."""
+    return max(1, math.ceil(config.min_results * config.keep_scored_share))
+
+
+def compute(
+    columns: Columns,
+    now: datetime,
+    config: ScoringConfig,
+    was_scored: Collection[tuple[str, str]] = frozenset(),
+) -> list[Score]:
     """Score every pair of ``columns`` (results scored as of ``now``); one Score per pair, in the
-    order of ``columns.pairs``. Pure: no I/O, and no clock but ``now``."""
+    order of ``columns.pairs``. ``was_scored``: the (route, network) pairs scored at the last
+    recompute (hysteresis at ``min_results``). Pure: no I/O, and no clock but ``now``."""
     if now.utcoffset() is None:
         raise ValueError("now must be timezone-aware")
     n_pairs = len(columns.pairs)
@@ -330,7 +343,11 @@ def compute(columns: Columns, now: datetime, config: ScoringConfig) -> list[Scor
     weight_sum = known @ weights
     contributions = _ratio(values * weights, weight_sum[:, None])  # NaN where unknown
     scores = np.clip(np.nansum(contributions, axis=1), 0.0, 1.0)
-    scored = (count >= config.min_results) & (weight_sum > 0)
+    needed = np.full(n_pairs, config.min_results)
+    if was_scored:
+        held = np.fromiter((p in was_scored for p in columns.pairs), dtype=bool, count=n_pairs)
+        needed[held] = keep_scored_min(config)
+    scored = (count >= needed) & (weight_sum > 0)
 
     last_at = np.full(n_pairs, None, dtype=object)
     has_results = np.isfinite(newest_age)
@@ -515,6 +532,11 @@ def _why(
     if score is None:
         return f"unknown: {stats['results']} results in the window (needs {config.min_results})"
     text = f"score {score:.2f}"
+    if stats["results"] < config.min_results:
+        text += (
+            f" (kept scored with {stats['results']} results, under {config.min_results}, "
+            f"until fewer than {keep_scored_min(config)})"
+        )
     if strong:
         text += "; strong: " + ", ".join(describe(name, stats) for name in strong)
     if weak:
@@ -669,9 +691,12 @@ async def recompute(engine: AsyncEngine, config: ScoringConfig, now: datetime) -
     """Score every pair from the database as of ``now`` and replace the ``scores`` table with the
     result, in one transaction (readers see the old scores or the new ones, never a mix)."""
     since = now - timedelta(seconds=config.window_s)
+    last = schema.scores.c
     async with engine.connect() as conn:
         columns = await load_columns(conn, since, now)
-    scored = await asyncio.to_thread(compute, columns, now, config)
+        scored_before = select(last.route, last.mcc_mnc).where(last.score.is_not(None))
+        was_scored = frozenset((route, network) for route, network in await conn.execute(scored_before))
+    scored = await asyncio.to_thread(compute, columns, now, config, was_scored)
     rows = [
         {
             "route": s.route,

@@ -383,3 +383,43 @@ async def test_a_database_that_is_down_leaves_the_batch_unacknowledged(tmp_path:
         assert await count(engine, s.dead_letters) == 0
     finally:
         await engine.dispose()
+
+
+async def test_full_batches_are_written_behind_the_receive_loop(tmp_path: Path) -> None:
+    """Tried: 25 observations with batches of 10, so two full batches are written while the next
+    messages are taken, then the table is dropped and 10 more arrive. The first 20 are stored and
+    acknowledged, the stored payload is the bytes received (not re-encoded); the batch that met
+    the broken database is not acknowledged and ``on_failure`` is told (the service reconnects so
+    the broker resends); the 5 still pending are written by ``close()`` only if it can."""
+    from controller.ingest import Ingest
+    from controller.storage.db import open_database
+
+    folder = tmp_path / "db"
+    folder.mkdir()
+    engine = await open_database(f"sqlite:///{folder / 'controller.db'}")
+    failures: list[int] = []
+    try:
+        ingest = Ingest(engine, T, batch_max=10, on_failure=lambda: failures.append(1))
+        acked: list[int] = []
+        raw: dict[str, bytes] = {}
+        for i in range(20):
+            obs = observation(i)
+            raw[obs.id] = b"{ " + obs.to_json()[1:]  # as an agent may format it
+            await ingest.handle(T.sms(obs.agent), raw[obs.id], NOW, lambda i=i: acked.append(i))
+        await asyncio.gather(*ingest._flushing)
+        assert sorted(acked) == list(range(20))
+        async with engine.connect() as conn:
+            stored = dict((await conn.exec_driver_sql("SELECT id, payload FROM observations")).all())
+        assert stored == {i: payload.decode() for i, payload in raw.items()}
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("DROP TABLE observations")  # stands in for a broken database
+        for i in range(20, 35):
+            obs = observation(i)
+            await ingest.handle(T.sms(obs.agent), obs.to_json(), NOW, lambda i=i: acked.append(i))
+        await asyncio.gather(*ingest._flushing)
+        assert sorted(acked) == list(range(20)) and failures == [1]
+        with pytest.raises(Exception, match="no such table"):
+            await ingest.close()
+        assert sorted(acked) == list(range(20))
+    finally:
+        await engine.dispose()

@@ -266,3 +266,47 @@ def test_message_id_forms() -> None:
     assert normalise_message_id(" 0A1B\x00") == "0a1b"
     assert message_id_forms("0A1B") == ("0A1B", str(0x0A1B), "a1b")
     assert message_id_forms("msg-1") == ()
+
+
+def _without_nul(pdu_bytes: bytes, value: bytes) -> bytes:
+    """The PDU with its receipted_message_id TLV rewritten without the trailing NUL, as some
+    SMSCs send it (the spec says C-octet string; they send the bare octets)."""
+    tlv = (0x001E).to_bytes(2, "big") + (len(value) + 1).to_bytes(2, "big") + value + b"\x00"
+    bare = (0x001E).to_bytes(2, "big") + len(value).to_bytes(2, "big") + value
+    assert tlv in pdu_bytes
+    out = pdu_bytes.replace(tlv, bare)
+    return len(out).to_bytes(4, "big") + out[4:]
+
+
+def test_receipted_message_id_without_its_nul_keeps_every_character() -> None:
+    """smpplib reads a C-string TLV as length - 1 bytes: without the NUL it would report "4F2A1"
+    for "4F2A1C". The codec re-reads the raw TLV of deliver_sm; with the NUL nothing changes."""
+    import smpplib.smpp
+
+    pdu = smpp_wire.make(
+        "deliver_sm",
+        smpp_wire.Sequencer(),
+        source_addr="447700900001",
+        destination_addr="PROBE",
+        esm_class=0x04,
+        short_message=b"id:4F2A1C stat:DELIVRD",
+        receipted_message_id="4F2A1C",
+        message_state=2,
+    )
+    data = _without_nul(smpp_wire.encode(pdu), b"4F2A1C")
+    library = smpplib.smpp.parse_pdu(data, client=smpp_wire.Sequencer(), allow_unknown_opt_params=True)
+    assert library.receipted_message_id == b"4F2A1"  # the library's reading, one character short
+    ours = smpp_wire.decode(data)
+    assert ours.receipted_message_id == b"4F2A1C" and ours.message_state == 2
+    assert parse_receipt(ours).message_id == "4f2a1c"  # ids are compared in lower case
+    assert smpp_wire.decode(smpp_wire.encode(pdu)).receipted_message_id == b"4F2A1C"  # with its NUL
+
+
+def test_deliver_sm_tlvs_of_a_truncated_body_is_empty_not_an_error() -> None:
+    pdu = smpp_wire.encode(
+        smpp_wire.make(
+            "deliver_sm", smpp_wire.Sequencer(), short_message=b"id:1 stat:DELIVRD", receipted_message_id="1"
+        )
+    )
+    assert smpp_wire.deliver_sm_tlvs(pdu)[0x001E] == b"1\x00"
+    assert smpp_wire.deliver_sm_tlvs(pdu[:20]) == {}

@@ -137,6 +137,21 @@ def test_min_results_counts_raw_results_in_the_window() -> None:
     assert score_of(rows, ScoringConfig(window_s=18.5 * 3600))["r"].state == "unknown"
 
 
+def test_a_scored_pair_stays_scored_a_little_under_min_results() -> None:
+    """Hysteresis at min_results (20, keep share 0.75: down to 15): a pair that was scored keeps
+    its score with 19 results and says why; one that was not stays unknown; below 15 it goes."""
+    rows = series("r", 20, 20, spread=timedelta(hours=20))  # one result an hour, ages 0..19 h
+    narrow = ScoringConfig(window_s=18.5 * 3600)  # 19 results left
+    columns = build_columns(rows, NOW)
+    held = by_route(compute(columns, NOW, narrow, was_scored={("r", NET)}))["r"]
+    assert held.state == "scored" and held.score is not None and held.results == 19
+    assert "kept scored with 19 results, under 20, until fewer than 15" in held.explanation["why"]
+    assert by_route(compute(columns, NOW, narrow))["r"].state == "unknown"
+    assert by_route(compute(columns, NOW, narrow, was_scored={("other", NET)}))["r"].state == "unknown"
+    gone = by_route(compute(columns, NOW, ScoringConfig(window_s=13.5 * 3600), was_scored={("r", NET)}))
+    assert gone["r"].state == "unknown" and gone["r"].results == 14
+
+
 def test_a_route_that_delivers_nothing_cannot_score_on_price_or_receipts() -> None:
     rows = series("dead", 50, 0, receipt_honest=True) + series("live", 50, 50)
     scores = score_of(rows, prices={"dead": {NET: 0.001}, "live": {NET: 0.05}})
@@ -382,3 +397,16 @@ async def test_load_ignores_results_decided_after_now(database: AsyncEngine) -> 
     assert computed[0].results == 14
     last = computed[0].last_result_at
     assert last is not None and abs(last - (NOW - timedelta(minutes=64) - shift)) <= timedelta(milliseconds=1)
+
+
+async def test_recompute_holds_pairs_scored_last_time(database: AsyncEngine) -> None:
+    """The hysteresis across recomputes: the scores table says what was scored last time."""
+    async with database.begin() as conn:
+        await insert_results(conn, series("r", 20, 20, spread=timedelta(hours=20)))
+    narrow = ScoringConfig(window_s=18.5 * 3600)
+    async with database.begin() as conn:
+        await conn.execute(schema.scores.delete())
+    assert (await recompute(database, narrow, NOW))[0].state == "unknown"  # not scored before
+    assert (await recompute(database, DEFAULT, NOW))[0].state == "scored"
+    again = (await recompute(database, narrow, NOW))[0]
+    assert again.state == "scored" and again.results == 19

@@ -270,6 +270,21 @@ async def test_a_test_is_pinned_to_its_route_even_when_the_table_excludes_it(
     await eventually(receipt_stored)
 
 
+async def test_a_test_submit_the_caller_gave_up_on_is_not_left_accepted(
+    sender: Sender, smscs: dict[str, SmscServer], database: AsyncEngine
+) -> None:
+    """Tried: the SMSC answers submit_sm after 1.5 s and the caller (as the scheduler does with
+    its submit timeout) gives up after 0.2 s. The message is recorded as failed, saying it may
+    still be sent, not left "accepted" for ever."""
+    smscs["grey"].behaviour.response_delay_ms = 1500
+    request = SubmitRequest(test_case_id=None, route="grey", msisdn=GB_MOBILE, sender="MyBank", text="slow")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(sender.submit(request), 0.2)
+    async with database.connect() as conn:
+        row = (await conn.execute(select(s.messages).where(s.messages.c.text == "slow"))).one()
+    assert row.status == "failed" and "may still be sent" in row.error
+
+
 async def test_a_changed_route_gets_a_new_connector_and_a_bad_one_is_named(
     sender: Sender, smscs: dict[str, SmscServer], database: AsyncEngine
 ) -> None:

@@ -239,8 +239,13 @@ class Sender:
                 source=request.sender, destination=request.msisdn, text=request.text
             )
         except SubmitError as exc:
-            async with self.engine.begin() as conn:
-                await messages.record_failure(conn, message, decision=decision, error=exc.reason)
+            await self._record_failure(message, decision, exc.reason)
+            raise
+        except asyncio.CancelledError:
+            # The caller gave up (the scheduler's submit timeout, a stop): the route may still
+            # send it, so say so rather than leave the message "accepted" for ever.
+            why = "submit interrupted (timed out or stopped) before the route answered: it may still be sent"
+            await asyncio.shield(self._record_failure(message, decision, why))
             raise
         async with self._journal_lock, self.engine.begin() as conn:
             await messages.record_submit(
@@ -256,6 +261,10 @@ class Sender:
         return Submitted(
             message_id=accepted.message_ids[0], submitted_at=accepted.submitted_at, acked_at=accepted.acked_at
         )
+
+    async def _record_failure(self, message: int, decision: dict[str, Any], error: str) -> None:
+        async with self.engine.begin() as conn:
+            await messages.record_failure(conn, message, decision=decision, error=error)
 
     # -- traffic: routed --------------------------------------------------------------------------
 

@@ -626,39 +626,58 @@ class SmppConnector:
         self._queue.appendleft(segment)
 
     async def _write_loop(self, writer: asyncio.StreamWriter) -> None:
-        """Write queued segments while the window has room and no throttling pause runs."""
+        """Write queued segments while the window has room and no throttling pause runs; what is
+        ready at once goes out as one burst, drained once (one flush per burst, not per PDU)."""
         while True:
-            segment = await self._next_segment()
-            message = segment.message
-            source_ton, source_npi, source_addr = message.source
-            pdu = smpp_wire.make(
-                "submit_sm",
-                self._sequencer,
-                service_type="",
-                source_addr_ton=source_ton,
-                source_addr_npi=source_npi,
-                source_addr=source_addr,
-                dest_addr_ton=self.settings.dest_ton,
-                dest_addr_npi=self.settings.dest_npi,
-                destination_addr=message.destination,
-                esm_class=message.encoded.esm_class,
-                protocol_id=0,
-                priority_flag=0,
-                registered_delivery=1 if self.settings.registered_delivery else 0,
-                data_coding=message.encoded.data_coding,
-                short_message=message.encoded.segments[segment.index],
-            )
-            segment.deadline = time.monotonic() + self.settings.response_timeout_s
-            self._in_flight[pdu.sequence] = segment
-            self._drained.clear()
-            smpp_wire.write_pdu(writer, pdu)
-            if message.submitted_at is None:
-                message.submitted_at = datetime.now(UTC)
-            self._count_submit(segment)
+            segment: _Segment | None = await self._next_segment()
+            while segment is not None:
+                self._write_segment(writer, segment)
+                segment = self._ready_segment()
             try:
                 await writer.drain()
             except ConnectionError as exc:
                 raise _LinkLost(f"connection lost while writing: {exc!r}") from exc
+
+    def _write_segment(self, writer: asyncio.StreamWriter, segment: _Segment) -> None:
+        message = segment.message
+        source_ton, source_npi, source_addr = message.source
+        pdu = smpp_wire.make(
+            "submit_sm",
+            self._sequencer,
+            service_type="",
+            source_addr_ton=source_ton,
+            source_addr_npi=source_npi,
+            source_addr=source_addr,
+            dest_addr_ton=self.settings.dest_ton,
+            dest_addr_npi=self.settings.dest_npi,
+            destination_addr=message.destination,
+            esm_class=message.encoded.esm_class,
+            protocol_id=0,
+            priority_flag=0,
+            registered_delivery=1 if self.settings.registered_delivery else 0,
+            data_coding=message.encoded.data_coding,
+            short_message=message.encoded.segments[segment.index],
+        )
+        segment.deadline = time.monotonic() + self.settings.response_timeout_s
+        self._in_flight[pdu.sequence] = segment
+        self._drained.clear()
+        smpp_wire.write_pdu(writer, pdu)
+        if message.submitted_at is None:
+            message.submitted_at = datetime.now(UTC)
+        self._count_submit(segment)
+
+    def _ready_segment(self) -> _Segment | None:
+        """The next segment if it may be written now (window room, no pause, not stopping)."""
+        while (
+            not self._stopping
+            and self._queue
+            and len(self._in_flight) < self.settings.window
+            and time.monotonic() >= self._pause_until
+        ):
+            segment = self._queue.popleft()
+            if not segment.message.future.done():
+                return segment
+        return None
 
     async def _next_segment(self) -> _Segment:
         """The next segment to write, once it may be written."""
@@ -667,11 +686,8 @@ class SmppConnector:
             if pause_s > 0:
                 await asyncio.sleep(pause_s)
                 continue
-            if not self._stopping and self._queue and len(self._in_flight) < self.settings.window:
-                segment = self._queue.popleft()
-                if not segment.message.future.done():
-                    return segment
-                continue
+            if (segment := self._ready_segment()) is not None:
+                return segment
             self._wake.clear()
             await self._wake.wait()
 

@@ -93,7 +93,53 @@ def decode(data: bytes) -> Pdu:
             sequence=sequence,
             status=smpplib.consts.SMPP_ESME_RINVCMDID,
         )
+    if command_id == DELIVER_SM and (tlv := deliver_sm_tlvs(data).get(RECEIPTED_MESSAGE_ID)) is not None:
+        pdu.receipted_message_id = tlv.rstrip(b"\x00")
     return pdu
+
+
+#: command_id of deliver_sm; tag of the receipted_message_id TLV (SMPP 3.4 section 5.3.2.12).
+DELIVER_SM = 0x00000005
+RECEIPTED_MESSAGE_ID = 0x001E
+#: deliver_sm's mandatory fields before sm_length, in order, and their sizes in octets (0: a
+#: NUL-terminated C-octet string) (SMPP 3.4 section 4.6.1).
+_DELIVER_SM_FIELDS = (
+    ("service_type", 0),
+    ("source_addr_ton", 1),
+    ("source_addr_npi", 1),
+    ("source_addr", 0),
+    ("dest_addr_ton", 1),
+    ("dest_addr_npi", 1),
+    ("destination_addr", 0),
+    ("esm_class", 1),
+    ("protocol_id", 1),
+    ("priority_flag", 1),
+    ("schedule_delivery_time", 0),
+    ("validity_period", 0),
+    ("registered_delivery", 1),
+    ("replace_if_present_flag", 1),
+    ("data_coding", 1),
+    ("sm_default_msg_id", 1),
+)
+
+
+def deliver_sm_tlvs(data: bytes) -> dict[int, bytes]:
+    """The raw optional parameters of a whole deliver_sm PDU, by tag; empty when the body does
+    not walk cleanly. smpplib reads a C-octet-string TLV as ``length - 1`` bytes, assuming the
+    NUL the spec asks for; SMSCs that leave it out would lose the last character of the id."""
+    pos = HEADER_LENGTH
+    try:
+        for _name, size in _DELIVER_SM_FIELDS:
+            pos = data.index(b"\x00", pos) + 1 if size == 0 else pos + size
+        pos += 1 + data[pos]  # sm_length, short_message
+        tlvs: dict[int, bytes] = {}
+        while pos + 4 <= len(data):
+            tag, length = struct.unpack_from(">HH", data, pos)
+            tlvs[tag] = data[pos + 4 : pos + 4 + length]
+            pos += 4 + length
+    except (ValueError, IndexError, struct.error):
+        return {}
+    return tlvs
 
 
 async def read_pdu(reader: asyncio.StreamReader, *, max_length: int = MAX_PDU_LENGTH) -> Pdu:
@@ -129,6 +175,7 @@ __all__ = [
     "PduError",
     "Sequencer",
     "decode",
+    "deliver_sm_tlvs",
     "encode",
     "generic_nack",
     "make",

@@ -11,6 +11,7 @@ lock makes controllers that start together migrate one after the other.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import threading
@@ -105,13 +106,24 @@ def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+class RawJson(str):
+    """JSON text that is already serialised (a payload as it arrived, validated): a JSON column
+    stores it as it is instead of parsing and re-encoding it."""
+
+    __slots__ = ()
+
+
+def _json_serializer(value: Any) -> str:
+    return value if isinstance(value, RawJson) else json.dumps(value)
+
+
 def make_engine(url: str) -> AsyncEngine:
     """An async engine for the URL (see :func:`async_url`), set up for its backend. It does not
     connect yet: :func:`open_database` does, and migrates."""
     target = make_url(async_url(url))
     backend = target.get_backend_name()
     if backend == "sqlite":
-        engine = create_async_engine(target)
+        engine = create_async_engine(target, json_serializer=_json_serializer)
         event.listen(engine.sync_engine, "connect", _set_sqlite_pragmas)
         return engine
     if backend == "postgresql":
@@ -128,8 +140,9 @@ def make_engine(url: str) -> AsyncEngine:
             pool_recycle=PG_POOL_RECYCLE_S,
             pool_pre_ping=True,  # a server restart costs one retry, not one failed request
             connect_args=connect_args,
+            json_serializer=_json_serializer,
         )
-    return create_async_engine(target)
+    return create_async_engine(target, json_serializer=_json_serializer)
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
