@@ -18,14 +18,13 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from probe_agent import __version__, sdnotify
-from probe_agent.clock import Clock
+from probe_agent.clock import Clock, set_shift, utc_now
 from probe_agent.commands import CommandError, Commands
 from probe_agent.config import AgentConfig, ModemConfig
 from probe_agent.logs import bind
@@ -212,11 +211,12 @@ class Agent:
     ) -> None:
         self.config = config
         self.config_path = config_path
+        set_shift(config.clock.shift_s)
         self.clock = clock or Clock(chronyc=config.clock.chronyc or None)
         self.port_factory = port_factory
         self.topics = Topics(config.topic_prefix)
         self.session = uuid.uuid4().hex
-        self.started_at = datetime.now(UTC)
+        self.started_at = utc_now()
         self._started_monotonic = time.monotonic()
         self.spool = Spool(config.spool.path, config.spool.max_entries)
         self.modems: dict[str, ModemRunner] = {}
@@ -242,7 +242,7 @@ class Agent:
             session=self.session,
             version=__version__,
             started_at=self.started_at,
-            at=None if state == "lost" else datetime.now(UTC),
+            at=None if state == "lost" else utc_now(),
             uptime_s=None if state == "lost" else round(time.monotonic() - self._started_monotonic, 3),
             dropped=self.spool.dropped(),
         )
@@ -295,7 +295,7 @@ class Agent:
         disk = shutil.disk_usage(self.config.spool.path.parent)
         return Health(
             agent=self.config.agent_id,
-            at=datetime.now(UTC),
+            at=utc_now(),
             spool_depth=self.spool.depth(),
             dropped=self.spool.dropped(),
             reconnects=self.uplink.reconnects,

@@ -27,6 +27,27 @@ from probe_agent.protocol import ClockState, TimeRequestData, TimeResponseData
 
 log = logging.getLogger(__name__)
 
+#: Added to the system clock in everything the agent stamps (``clock.shift_s`` in its config): an
+#: emulated Pi whose clock is off, for simnet's demo and the end-to-end test. 0 on a real Pi.
+_shift_ns = 0
+
+
+def set_shift(seconds: float) -> None:
+    """Make this process's wall clock ``seconds`` off the system's (emulation only)."""
+    global _shift_ns
+    _shift_ns = round(seconds * 1e9)
+
+
+def wall_ns() -> int:
+    """The agent's wall clock, ns since the Unix epoch: the one source of every stamp it takes."""
+    return time.time_ns() + _shift_ns
+
+
+def utc_now() -> datetime:
+    """The agent's wall clock as a tz-aware UTC datetime."""
+    return datetime.fromtimestamp(wall_ns() / 1e9, UTC)
+
+
 #: chronyc answers from the local daemon in well under a millisecond; a second means it hangs
 #: (chronyd wedged, or a remote socket timing out), and the heartbeat must not wait on it.
 CHRONYC_TIMEOUT_S = 1.0
@@ -157,7 +178,7 @@ class Clock:
         *,
         runner: Runner = run_command,
     ) -> None:
-        self._now = now or (lambda: datetime.now(UTC))
+        self._now = now or utc_now
         self._chronyc = chronyc or None
         self._monotonic = monotonic
         self._runner = runner

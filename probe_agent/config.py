@@ -113,6 +113,13 @@ class ClockConfig(Strict):
     chronyc: str | None = Field(
         "chronyc", description="chronyc binary to read chrony's tracking offset; empty to not use chrony."
     )
+    shift_s: float = Field(
+        0.0,
+        ge=-86400.0,
+        le=86400.0,
+        description="Emulation only (simnet's demo and tests): add this many seconds to the system clock "
+        "in everything the agent stamps, as on a Pi whose clock is off. Leave 0 on a real Pi.",
+    )
 
 
 class ModemConfig(Strict):

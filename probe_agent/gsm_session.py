@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +25,7 @@ import serial
 from gsmmodem.modem import GsmModem
 
 from hardware.modem_profiles import PROFILES
+from probe_agent.clock import wall_ns
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class GsmSession(GsmModem):  # type: ignore[misc]
                 chunk = port.read(port.in_waiting or 1)
                 if not chunk:
                     continue
-                self._stamp_ns = time.time_ns()
+                self._stamp_ns = wall_ns()
                 buffer += chunk
                 while True:
                     line_bytes, sep, rest = buffer.partition(b"\r\n")

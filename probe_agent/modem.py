@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from gsmmodem.exceptions import (
@@ -38,6 +38,7 @@ from serial import SerialException
 
 from hardware.modem_profiles import PROFILES, get_profile
 from hardware.sms_pdu import is_hex_pdu
+from probe_agent.clock import utc_now, wall_ns
 from probe_agent.gsm_session import GsmSession
 from probe_agent.received import Origin, Part, Reassembler, ReceivedSms
 
@@ -313,7 +314,7 @@ class ModemPort:
             self._w.session = session
             self._identify()
             self._poll()
-            self._w.ready_ns = time.time_ns()
+            self._w.ready_ns = wall_ns()
             pending, self._w.pending_deletes = self._w.pending_deletes, []
             for slots, pdus in pending:
                 self._delete(slots, pdus)
@@ -494,7 +495,7 @@ class ModemPort:
                 seen = self._w.unannounced[slot] = (now, origin, pdu)
             if now - seen[0] >= UNANNOUNCED_GRACE_S:
                 del self._w.unannounced[slot]
-                self._take(Part.read(pdu, time.time_ns(), seen[1], memory, index))
+                self._take(Part.read(pdu, wall_ns(), seen[1], memory, index))
             else:
                 self._w.sweep_at = min(self._w.sweep_at or math.inf, seen[0] + UNANNOUNCED_GRACE_S)
         # Announced but not listed: stored just after the listing. Read each now, not at the
@@ -697,7 +698,7 @@ class ModemPort:
 
 
 def _now() -> datetime:
-    return datetime.now(UTC)
+    return utc_now()
 
 
 def _sim_gone(exc: BaseException) -> bool:

@@ -31,6 +31,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
+from probe_agent.clock import utc_now
+
 log = logging.getLogger(__name__)
 
 #: The version of the tables below; a file with a newer one (after a downgrade) is moved aside.
@@ -92,7 +94,7 @@ class _Unusable(Exception):
 
 
 def _utc_now() -> datetime:
-    return datetime.now(UTC)
+    return utc_now()
 
 
 def _to_us(moment: datetime) -> int:

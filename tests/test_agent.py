@@ -153,6 +153,34 @@ def test_injected_sms_appears_as_a_complete_observation(
     assert status is not None and status.state == "online" and status.version
 
 
+def test_a_shifted_clock_stamps_everything_30_s_ahead(
+    tmp_path: Path,
+    broker: Callable[..., Mosquitto],
+    make_modem: Callable[..., VirtualModem],
+    agents: Callable[[Path], AgentProcess],
+) -> None:
+    """``clock.shift_s = 30`` (an emulated Pi whose clock is off, for simnet): the arrival stamp
+    comes 30 s after the true one (not only some of the stamps: the port's reader thread takes
+    it), and so does the agent's status."""
+    b = broker()
+    modem = make_modem("sim800l")
+    rec = Recorder(b, [f"{P}/agents/+/#"])
+    config = agent_toml(tmp_path / "agent.toml", b, [("modem-a", modem.port)])
+    config.write_text(config.read_text().replace('chronyc = ""\n', 'chronyc = ""\nshift_s = 30\n'))
+    before = time.time()
+    agents(config)
+    rec.wait_for(
+        lambda ms: any(t.endswith("/modems/modem-a/state") and b'"connected":true' in p for t, p, _ in ms)
+    )
+    delivery = modem.deliver("MyBank", "Your code is 112233")
+    rec.wait_for(lambda ms: any(t.endswith("/sms") for t, _, _ in ms))
+    [obs] = observations(rec)
+    assert delivery.urc_ns is not None
+    assert 30e9 <= obs.urc_at.timestamp() * 1e9 - delivery.urc_ns < 30e9 + 100e6
+    status = last_status(rec)
+    assert status is not None and status.started_at.timestamp() - before >= 29.0
+
+
 def test_broker_down_for_30_s_while_100_sms_arrive(
     tmp_path: Path,
     broker: Callable[..., Mosquitto],
