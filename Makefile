@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
-	$(BIN)/python -m probe_agent.modem_demo
+	$(BIN)/python -m controller.cli demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,7 +1,7 @@
 """``probe-fleet``: the controller's command line.
 
-``serve`` runs the controller, ``check`` validates its config, ``demo`` runs the demo (until the
-simulated network lands: the modem-layer demo), ``version``; ``token add|list|revoke`` manages the
+``serve`` runs the controller, ``check`` validates its config, ``demo`` runs the whole system on
+this machine with simnet (``simnet.demo``), ``version``; ``token add|list|revoke`` manages the
 REST API's tokens; ``export routing-table --format json|csv`` writes the routing table from the
 database, without a running server.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from controller import config as config_module
 from controller.api.tokens import ROLES
-from probe_agent import __version__, modem_demo
+from probe_agent import __version__
 from probe_agent.config import ConfigError
 
 EXIT_CONFIG = 2
@@ -150,9 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--config", required=True, help="controller.toml")
     _token_commands(sub)
     _export_commands(sub)
-    demo = sub.add_parser("demo", help="run the demo (for now: the modem-layer demo)")
-    demo.add_argument("--profile", default="sim800l")
-    demo.add_argument("--count", type=int)
+    sub.add_parser(
+        "demo", add_help=False, help="run the whole system on this machine with simnet (--help for options)"
+    )
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["demo"]:  # its options are simnet.demo's own
+        from simnet import demo as simnet_demo
+
+        return simnet_demo.main(given[1:])
     args = parser.parse_args(argv)
     if args.command == "version":
         print(__version__)
@@ -175,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
         setup_logging("INFO")
         return asyncio.run(_serve(config))
-    demo_args = ["--profile", args.profile] + (["--count", str(args.count)] if args.count else [])
-    return modem_demo.main(demo_args)
+    parser.error(f"unknown command {args.command!r}")
+    return EXIT_CONFIG
 
 
 if __name__ == "__main__":

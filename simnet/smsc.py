@@ -5,7 +5,8 @@ It binds ESMEs, accepts ``submit_sm``, issues hex message ids and sends delivery
 errors, a rate limit, dropped connections, refused binds, slow responses, receipts in several
 formats, unacknowledged receipts resent on the next bind). ``SmscBehaviour`` is read on every
 PDU, so a test may change it mid-run; simnet layers its quality profiles on top through the
-``on_submit`` hook and ``send_receipt``. The PDU codec is ``smpplib``'s, through
+``check_submit`` hook (refuse a submit with an error status of its choosing), the ``on_submit``
+hook and ``send_receipt``. The PDU codec is ``smpplib``'s, through
 ``controller.sender.smpp_wire``.
 """
 
@@ -18,7 +19,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Literal
@@ -123,6 +124,10 @@ class ReceivedSubmit:
 
 
 SubmitHook = Callable[[ReceivedSubmit], Awaitable[None] | None]
+#: Asked about each submit that passed the behaviour's rules, before it is accepted: None (or 0)
+#: accepts it, any other value is the command_status it is refused with. The submit it gets has
+#: no message id yet (``""``). Runs in the session's read loop, so it must be quick.
+SubmitCheck = Callable[[ReceivedSubmit], int | None]
 
 
 # --------------------------------------------------------------------------- decoding helpers
@@ -493,13 +498,17 @@ class _Session:
                 break
         if status == c.SMPP_ESME_ROK and not server.rate_limit.allow(behaviour.max_submits_per_s):
             status = c.SMPP_ESME_RTHROTTLED
+        candidate: ReceivedSubmit | None = None
+        if status == c.SMPP_ESME_ROK and server.check_submit is not None:
+            candidate = server.decode(pdu, self.system_id)
+            status = server.checked(candidate)
         if status != c.SMPP_ESME_ROK:
             if behaviour.response_delay_ms > 0:
                 self.spawn(self.answer_submit(pdu.sequence, status, None, behaviour.response_delay_ms))
             else:
                 await self.answer_submit(pdu.sequence, status, None, 0.0)
             return
-        submit = server.accept(pdu, self.system_id)
+        submit = server.accept(pdu, self.system_id, candidate)
         answered = asyncio.Event()
         self.unanswered.add(answered)
         if behaviour.response_delay_ms > 0:  # answered in the background: later submits are not held up
@@ -597,6 +606,7 @@ class SmscServer:
         behaviour: SmscBehaviour | None = None,
         name: str = "smsc",
         on_submit: SubmitHook | None = None,
+        check_submit: SubmitCheck | None = None,
     ) -> None:
         self.system_id = system_id
         self.password = password
@@ -605,6 +615,7 @@ class SmscServer:
         self.behaviour = behaviour if behaviour is not None else SmscBehaviour()
         self.name = name
         self.on_submit = on_submit
+        self.check_submit = check_submit
         self.submits: list[ReceivedSubmit] = []
         self.binds = 0
         self.throttle_rule = _EveryN()
@@ -698,8 +709,8 @@ class SmscServer:
         self._id_counter += 1
         return f"{self._id_prefix:04x}{self._id_counter:08x}"
 
-    def accept(self, pdu: Pdu, system_id: str) -> ReceivedSubmit:
-        """Record an accepted submit_sm and give it a message id."""
+    def decode(self, pdu: Pdu, system_id: str) -> ReceivedSubmit:
+        """A submit_sm decoded, received now, with no message id yet."""
         short_message: bytes = pdu.short_message or b""
         message_payload: bytes | None = pdu.message_payload or None
         payload = message_payload if message_payload is not None else short_message
@@ -716,8 +727,8 @@ class SmscServer:
                 pdu.sar_total_segments,
                 _int_field(pdu.sar_segment_seqnum),
             )
-        submit = ReceivedSubmit(
-            message_id=self._next_message_id(),
+        return ReceivedSubmit(
+            message_id="",
             received_at=datetime.now(UTC),
             system_id=system_id,
             source_addr=_text_field(pdu.source_addr),
@@ -732,6 +743,27 @@ class SmscServer:
             udh=udh,
             text=decode_text(body, data_coding),
             concat=concat,
+        )
+
+    def checked(self, submit: ReceivedSubmit) -> int:
+        """The status ``check_submit`` gives ``submit`` (ROK when it accepts it, or fails)."""
+        if self.check_submit is None:
+            return int(c.SMPP_ESME_ROK)
+        try:
+            return self.check_submit(submit) or int(c.SMPP_ESME_ROK)
+        except Exception:
+            log.exception(
+                "%s: check_submit failed; submit accepted",
+                self.name,
+                extra={"route": self.name, "system_id": submit.system_id},
+            )
+            return int(c.SMPP_ESME_ROK)
+
+    def accept(self, pdu: Pdu, system_id: str, decoded: ReceivedSubmit | None = None) -> ReceivedSubmit:
+        """Record an accepted submit_sm (decoded already, or now) and give it a message id."""
+        submit = replace(
+            decoded if decoded is not None else self.decode(pdu, system_id),
+            message_id=self._next_message_id(),
         )
         self.submits.append(submit)
         self._by_id[submit.message_id] = submit
@@ -926,6 +958,8 @@ __all__ = [
     "ReceivedSubmit",
     "SmscBehaviour",
     "SmscServer",
+    "SubmitCheck",
+    "SubmitHook",
     "decode_text",
     "receipt_text",
     "split_udh",
