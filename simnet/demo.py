@@ -46,7 +46,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from simnet.scenario import Scenario
+from simnet.scenario import Scenario, ScenarioError
 
 log = logging.getLogger(__name__)
 
@@ -543,7 +543,12 @@ def run(
     seed_value: int,
 ) -> int:
     """Run the demo; 0 on a clean stop (Ctrl-C or the end of the duration), 1 when a part failed."""
-    scenario = Scenario.load(scenario_path) if scenario_path else Scenario.default()
+    try:
+        scenario = Scenario.load(scenario_path) if scenario_path else Scenario.default()
+    except ScenarioError as exc:
+        for problem in exc.problems:
+            print(f"{scenario_path}: {problem}", file=sys.stderr)
+        return 2
     stopping = {"now": False}
 
     def on_signal(signum: int, _frame: Any) -> None:

@@ -1,5 +1,6 @@
-"""The command lines as a user runs them: the modem-layer demo behind ``make demo`` and
-``probe-agent listen`` on a virtual modem, each in its own process."""
+"""The command lines as a user runs them: the modem-layer demo, ``probe-agent listen`` on a
+virtual modem and ``probe-fleet demo``'s refusal of a bad scenario, each in its own process
+(the whole demo runs in ``test_e2e.py``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from hardware.virtual_modem import VirtualModem
 
@@ -79,3 +81,29 @@ def test_probe_agent_listen_fails_clearly_without_a_modem(tmp_path: object) -> N
     )
     assert proc.returncode == 1
     assert "did not come up" in proc.stderr and "/dev/nonexistent-modem" in proc.stderr
+
+
+def test_demo_refuses_a_bad_scenario_naming_the_field(tmp_path: Path) -> None:
+    """Tried: a scenario whose route name is a number and which has no networks: exit 2, each
+    field named, and nothing started (no work folder made)."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[routes]]\nname = 5\n")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "controller.cli",
+            "demo",
+            "--scenario",
+            str(bad),
+            "--workdir",
+            str(tmp_path / "w"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 2
+    assert "routes.0.name" in run.stderr and "networks: Field required" in run.stderr
+    assert not (tmp_path / "w").exists()
