@@ -109,7 +109,7 @@ class Ingest:
         self.on_response = on_response
         #: How long past a deadline an SMS without its token may still be matched to its test.
         self.grace_ms = grace_ms
-        #: Called when a timed flush fails: its messages are unacknowledged, the broker must resend.
+        #: Called when a background write fails: its messages are unacknowledged, the broker must resend.
         self.on_failure = on_failure
         self.stats = IngestStats()
         self._pending = _Pending()
@@ -161,11 +161,7 @@ class Ingest:
     async def _flush_behind(self) -> None:
         """Write the full batch while the next one is received: the receive loop waits only
         when ``MAX_WRITES_AHEAD`` batches are already waiting for the database."""
-        pending = self._take()
-        task = asyncio.get_running_loop().create_task(self._write_batch(pending, timed=True))
-        self._flushing.add(task)
-        task.add_done_callback(self._flushing.discard)
-        self._behind.append(task)
+        self._behind.append(self._write_in_background(self._take()))
         while len(self._behind) > MAX_WRITES_AHEAD:
             await asyncio.wait({self._behind.popleft()})
 
@@ -178,27 +174,29 @@ class Ingest:
 
     def _flush_soon(self) -> None:
         self._timer = None
-        task = asyncio.get_running_loop().create_task(self._timed_flush())
+        self._write_in_background(self._take())
+
+    def _write_in_background(self, pending: _Pending) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._write_batch(pending, background=True))
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
-
-    async def _timed_flush(self) -> None:
-        await self._write_batch(self._take(), timed=True)
+        return task
 
     async def flush(self) -> None:
         """Write what is pending in one transaction, then acknowledge it."""
-        await self._write_batch(self._take(), timed=False)
+        await self._write_batch(self._take(), background=False)
 
-    async def _write_batch(self, pending: _Pending, *, timed: bool) -> None:
+    async def _write_batch(self, pending: _Pending, *, background: bool) -> None:
         """Batches are written one at a time, in the order taken (the lock is fair). When a batch
         fails for its data (not the database's state), each message is written on its own and the
         one that fails goes to the dead letters, so one poison message cannot block the rest. A
-        batch written behind the receive loop that fails for the database's state stays
-        unacknowledged and ``on_failure`` is told, for the broker to resend it."""
+        batch written in the background (timed, or behind the receive loop) that fails for the
+        database's state stays unacknowledged and ``on_failure`` is told, for the broker to resend
+        it; ``flush()`` raises instead."""
         async with self._lock:
             if not pending.entries:
                 return
-            if not timed:
+            if not background:
                 await self._write_checked(pending)
                 return
             try:

@@ -10,7 +10,6 @@ the clock-offset correction is what makes them right.
 from __future__ import annotations
 
 import json
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,13 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.mosquitto import free_port
+
 DURATION_S = 140
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.timeout(DURATION_S + 60)
