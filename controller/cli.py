@@ -2,8 +2,8 @@
 
 ``serve`` runs the controller, ``check`` validates its config, ``demo`` runs the whole system on
 this machine with simnet (``simnet.demo``), ``version``; ``token add|list|revoke`` manages the
-REST API's tokens; ``export routing-table --format json|csv`` writes the routing table from the
-database, without a running server.
+REST API's tokens, ``user add|set|list`` the web UI's users; ``export routing-table --format
+json|csv`` writes the routing table from the database, without a running server.
 """
 
 from __future__ import annotations
@@ -80,6 +80,58 @@ async def _token(config: config_module.ControllerConfig, args: argparse.Namespac
     return 0
 
 
+def _password(args: argparse.Namespace) -> str:
+    """The new password: one line from standard input with --password-stdin, else asked twice."""
+    import getpass
+
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    if not sys.stdin.isatty():
+        raise ValueError("no terminal to ask the password on: give it with --password-stdin")
+    first = getpass.getpass(f"password for {args.name}: ")
+    if getpass.getpass("again: ") != first:
+        raise ValueError("the two passwords differ")
+    return first
+
+
+async def _user(config: config_module.ControllerConfig, args: argparse.Namespace) -> int:
+    from controller.storage.db import DatabaseUnavailable, open_database
+    from controller.web import users
+
+    try:
+        password = _password(args) if args.action == "add" or getattr(args, "password", False) else None
+    except ValueError as exc:
+        print(f"probe-fleet: {exc}", file=sys.stderr)
+        return 1
+    try:
+        engine = await open_database(config.database_url)
+    except DatabaseUnavailable as exc:
+        print(f"probe-fleet: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if args.action == "add":
+            assert password is not None
+            user = await users.add_user(engine, args.name, args.role, password)
+            print(f"user {user.name!r} ({user.role}) added")
+        elif args.action == "list":
+            for user in await users.list_users(engine):
+                seen = user.last_login_at.isoformat() if user.last_login_at else "never"
+                state = "disabled" if user.disabled else "enabled"
+                print(
+                    f"{user.name}\t{user.role}\t{state}\tcreated {user.created_at.isoformat()}\tlogin {seen}"
+                )
+        else:
+            disabled = True if args.disable else False if args.enable else None
+            await users.set_user(engine, args.name, role=args.role, password=password, disabled=disabled)
+            print(f"user {args.name!r} changed")
+    except users.UserError as exc:
+        print(f"probe-fleet: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await engine.dispose()
+    return 0
+
+
 async def _export(config: config_module.ControllerConfig, args: argparse.Namespace) -> int:
     from controller import routing
     from controller.storage.db import DatabaseUnavailable, open_database
@@ -140,6 +192,28 @@ def _token_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         )
 
 
+def _user_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    user = sub.add_parser("user", help="manage web UI users (the first admin comes from here)")
+    actions = user.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="add a user; the password is asked, or read with --password-stdin")
+    add.add_argument("name", help="login name")
+    add.add_argument("--role", required=True, choices=ROLES)
+    add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    change = actions.add_parser("set", help="change a user's role or password, or disable / enable it")
+    change.add_argument("name")
+    change.add_argument("--role", choices=ROLES)
+    change.add_argument("--password", action="store_true", help="set a new password (asked)")
+    change.add_argument("--password-stdin", action="store_true", help="with --password: read it from stdin")
+    state = change.add_mutually_exclusive_group()
+    state.add_argument("--disable", action="store_true", help="refuse its logins and end its sessions")
+    state.add_argument("--enable", action="store_true")
+    listing = actions.add_parser("list", help="list users (names, roles, last login)")
+    for cmd in (add, change, listing):
+        cmd.add_argument(
+            "--config", default="controller.toml", help="controller.toml (default: ./controller.toml)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``probe-fleet`` console script."""
     parser = argparse.ArgumentParser(prog="probe-fleet", description="probe-fleet controller")
@@ -149,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--config", required=True, help="controller.toml")
     _token_commands(sub)
+    _user_commands(sub)
     _export_commands(sub)
     sub.add_parser(
         "demo", add_help=False, help="run the whole system on this machine with simnet (--help for options)"
@@ -165,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "token":
         config = _load(args.config)
         return EXIT_CONFIG if config is None else asyncio.run(_token(config, args))
+    if args.command == "user":
+        config = _load(args.config)
+        return EXIT_CONFIG if config is None else asyncio.run(_user(config, args))
     if args.command == "export":
         config = _load(args.config)
         return EXIT_CONFIG if config is None else asyncio.run(_export(config, args))

@@ -25,7 +25,8 @@ class ControllerBrokerConfig(BrokerConfig):
 
     client_id: str = Field(
         "probe-fleet-controller",
-        description="MQTT client id; the persistent session is kept under it, so keep it stable.",
+        description="MQTT client id; the persistent session is kept under it, so keep it stable. Several "
+        "controller instances each need their own (the broker drops a connection whose id reconnects).",
     )
     session_expiry_s: int = Field(
         7 * 24 * 3600,
@@ -163,6 +164,25 @@ class ApiConfig(Strict):
         return self
 
 
+class UiConfig(Strict):
+    """The web UI for operators, served beside the API (same address): sessions and logins."""
+
+    enabled: bool = Field(True, description="Serve the web UI at / with the API.")
+    session_idle_s: float = Field(
+        8 * 3600.0, gt=0, description="A login session ends after this long without a request, seconds."
+    )
+    login_max_failures: int = Field(
+        5, ge=1, description="Failed logins per client address or user name before it must wait."
+    )
+    login_window_s: float = Field(
+        300.0, gt=0, description="The window those failures are counted in (and the wait), seconds."
+    )
+    live_poll_interval_s: float = Field(
+        1.0, gt=0, description="How often the live feed (new results, agent changes) looks for news, seconds."
+    )
+    page_size: int = Field(100, ge=10, le=1000, description="Rows (agents, results, messages) per page.")
+
+
 class CorrelationConfig(Strict):
     """How observations become results."""
 
@@ -185,8 +205,9 @@ class ScheduleConfig(Strict):
 
     enabled: bool = Field(
         True,
-        description="Plan and submit tests in this controller; with several controller instances on one "
-        "database, enable it in exactly one (rounds are not shared out between instances).",
+        description="Plan and submit tests in this controller. With several controller instances on one "
+        "database, set it alike in all: every instance submits due tests (each claimed once), and only "
+        "the elected leader ([leader]) runs the campaign rounds.",
     )
     deadline_s: float = Field(
         600.0,
@@ -271,6 +292,50 @@ class SenderConfig(Strict):
         return path
 
 
+class LeaderConfig(Strict):
+    """Leader election between controller instances on one database: a lease row (table ``leases``)
+    that one instance holds and renews. The leader alone runs the campaign rounds, the deadline
+    sweep, the routing-table rebuild and publish and the clock sync with the agents; every instance
+    ingests, dispatches due tests, serves the API and runs its sender. One instance simply leads."""
+
+    ttl_s: float = Field(
+        30.0,
+        gt=0,
+        description="How long a lease lasts without renewal, seconds: a leader that died (no clean stop) "
+        "is replaced this long after its last renewal. Lease times come from each instance's own clock "
+        "(keep them NTP-synced): a leader stops leading max_clock_skew_s before its lease runs out by its "
+        "own clock, so an instance whose clock is up to that much ahead cannot take over while it leads.",
+    )
+    renew_interval_s: float = Field(
+        10.0,
+        gt=0,
+        description="How often the leader renews its lease and the others try to take it, seconds; below "
+        "half of ttl_s. A failed renewal steps the leader down at once; a lease released by a clean stop "
+        "is taken over within this interval.",
+    )
+    max_clock_skew_s: float = Field(
+        1.0,
+        ge=0,
+        description="Largest clock difference between two controller hosts allowed for, seconds (NTP "
+        "keeps them within milliseconds); must stay below ttl_s - 2 x renew_interval_s.",
+    )
+
+    @model_validator(mode="after")
+    def _renewed_in_time(self) -> LeaderConfig:
+        if self.renew_interval_s >= self.ttl_s / 2:
+            raise ValueError(
+                f"renew_interval_s ({self.renew_interval_s:g}) must be below half of ttl_s ({self.ttl_s:g}), "
+                "so a leader renews well before its lease can expire"
+            )
+        if self.max_clock_skew_s >= self.ttl_s - 2 * self.renew_interval_s:
+            raise ValueError(
+                f"max_clock_skew_s ({self.max_clock_skew_s:g}) must be below ttl_s - 2 x renew_interval_s "
+                f"({self.ttl_s - 2 * self.renew_interval_s:g}), so a renewal has a whole renew interval "
+                "to complete before the leader must step down"
+            )
+        return self
+
+
 class ControllerConfig(Strict):
     """``controller.toml``."""
 
@@ -294,6 +359,10 @@ class ControllerConfig(Strict):
     )
     api: ApiConfig = Field(ApiConfig(), description="The REST API: listen address, paging, tokens.")
     sender: SenderConfig = Field(SenderConfig(), description="The bundled sender.")
+    leader: LeaderConfig = Field(
+        LeaderConfig(), description="Leader election between several controller instances on one database."
+    )
+    ui: UiConfig = Field(UiConfig(), description="The web UI: login sessions and throttling.")
 
 
 def load(path: str | Path) -> ControllerConfig:

@@ -14,6 +14,15 @@ Two parts, both on the controller's database:
   atomically (``scheduled`` -> ``submitting``, so nothing is submitted twice), checks once more
   that the probe is online and registered, and submits through a ``controller.submit.Submitter``
   (the bundled sender).
+* **Several instances.** With a ``controller.leader.Leader`` (the service passes one), the
+  rounds are a leader duty: APScheduler starts paused and processes the jobs only while this
+  instance leads (resumed with a sync of the jobs when it becomes the leader, paused and its
+  rounds in progress cancelled when it stops being it), the registry names a scheduler only
+  while it leads, and every round checks the lease inside its own transaction (``Leader.holds``)
+  before it writes: a follower never plans a round, even one APScheduler handed over in the
+  moment it stepped down (that round is dropped; the campaign's next comes a cadence later).
+  The job store is written only by the leader (``sync_campaigns``).
+  Dispatch runs on every instance: its claims keep them apart.
 
 Decisions, in short:
 
@@ -69,6 +78,7 @@ from sqlalchemy.pool import StaticPool
 from controller.campaigns import CampaignDefinition
 from controller.config import ScheduleConfig
 from controller.correlation import Template, new_token, render
+from controller.leader import Leader
 from controller.storage import schema as s
 from controller.storage.db import PG_CONNECT_TIMEOUT_S, PG_POOL_RECYCLE_S, SQLITE_PRAGMAS, masked
 from controller.submit import SubmitError, SubmitRequest, Submitted, Submitter
@@ -107,8 +117,11 @@ SYNC_DRIVERS = {
     "postgresql+asyncpg": "postgresql+psycopg",
 }
 
-#: The running schedulers of this process, by ``Scheduler.key``: how a job finds its scheduler.
+#: The running schedulers of this process, by ``Scheduler.key``: how a job finds its scheduler
+#: (with a leader: only while it leads).
 _RUNNING: dict[str, Scheduler] = {}
+#: The name of the rounds' duty with the leader.
+ROUNDS_DUTY = "campaign rounds"
 
 
 def sync_url(url: str) -> str:
@@ -334,13 +347,15 @@ class _LoopExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is unt
         self._loop = loop
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        #: Jobs handed over meanwhile are dropped, not started: this instance does not lead.
+        self.paused = False
 
     def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:
         coroutine = run_coroutine_job(job, job._jobstore_alias, run_times, self._logger.name)
         self._loop.call_soon_threadsafe(self._start_task, job.id, coroutine)
 
     def _start_task(self, job_id: str, coroutine: Coroutine[Any, Any, Any]) -> None:
-        if self._closed:
+        if self._closed or self.paused:
             coroutine.close()
             self._run_job_success(job_id, [])
             return
@@ -364,6 +379,10 @@ class _LoopExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is unt
     async def aclose(self) -> None:
         """On the loop: cancel the jobs still running and wait until they have ended."""
         self._closed = True
+        await self.cancel_running()
+
+    async def cancel_running(self) -> None:
+        """Cancel the jobs running now and wait until they have ended (a round rolls back)."""
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -464,7 +483,9 @@ class Scheduler:
 
     ``database_url`` is the controller's (the engine's) URL: the job store opens its own
     synchronous connection to the same database (see ``sync_url``). ``rng`` drives jitter and the
-    route order (seed it in tests); tokens always come from the system's secure source.
+    route order (seed it in tests); tokens always come from the system's secure source. With a
+    ``leader`` the rounds run only while this instance leads (see the module docstring); without
+    one this scheduler is the only one and always runs them.
     """
 
     def __init__(
@@ -475,6 +496,7 @@ class Scheduler:
         database_url: str,
         *,
         rng: random.Random | None = None,
+        leader: Leader | None = None,
     ) -> None:
         self._engine = engine
         self._config = config
@@ -491,18 +513,23 @@ class Scheduler:
         self._sync_lock = asyncio.Lock()
         #: Campaigns whose definition does not validate, logged once rather than at every sync.
         self._invalid: set[int] = set()
+        self._leader = leader
+        #: Whether this scheduler runs the rounds and writes the job store now.
+        self._leading = False
 
     # --- lifecycle
 
     async def start(self) -> None:
         """Recover submits a stopped controller left in flight, start the job scheduler on the
-        persisted jobs, reconcile them with the campaigns, and start dispatching."""
+        persisted jobs, reconcile them with the campaigns, and start dispatching. With a leader,
+        the job scheduler starts paused and the rounds become its duty (``_lead``)."""
         if not self._config.enabled:
             log.info("scheduler disabled in the config: this controller plans and submits no tests")
             return
         if self._aps is not None:
             raise RuntimeError("the scheduler is already running")
-        if self.key in _RUNNING:
+        gated = self._leader is not None
+        if not gated and self.key in _RUNNING:
             raise RuntimeError(f"a scheduler already runs for {masked(self._database_url)} in this process")
         await self._recover_interrupted()
         loop = asyncio.get_running_loop()
@@ -522,23 +549,64 @@ class Scheduler:
                 "misfire_grace_time": self._misfire_grace(),
             },
         )
-        _RUNNING[self.key] = self
+        executor.paused = gated
+        if not gated:
+            _RUNNING[self.key] = self
+            self._leading = True
         try:
-            await asyncio.to_thread(aps.start)
+            await asyncio.to_thread(aps.start, gated)  # paused until this instance leads
         except BaseException:
-            del _RUNNING[self.key]
+            self._leading = False
+            if not gated:
+                del _RUNNING[self.key]
             raise
         self._aps, self._executor = aps, executor
-        try:
-            await self.sync_campaigns()
-        except BaseException:
-            await self.stop()
-            raise
+        if self._leader is not None:
+            self._leader.add_duty(ROUNDS_DUTY, self._lead)
+        else:
+            try:
+                await self.sync_campaigns()
+            except BaseException:
+                await self.stop()
+                raise
         self._loop_task = asyncio.create_task(self._run(), name="schedule-dispatch")
         log.info("scheduler started on %s", masked(self._database_url))
 
+    async def _lead(self) -> None:
+        """The leader duty: while this instance leads, own the campaign jobs and run their rounds
+        (due ones first, as far as ``misfire_grace_s`` allows); when cancelled (stepped down),
+        pause them and cancel the rounds in progress, which roll back."""
+        aps, executor = self._running(), self._executor
+        assert executor is not None
+        other = _RUNNING.get(self.key)
+        if other is not None and other is not self:
+            log.warning("scheduler: another scheduler of this process was registered for its database")
+        _RUNNING[self.key] = self
+        self._leading = True
+        executor.paused = False
+        try:
+            try:
+                await self.sync_campaigns()
+            except Exception:
+                log.exception("scheduler: reconciling the campaign jobs failed; retrying at the next sync")
+            aps.resume()  # wakes it: due jobs are processed now
+            log.info("scheduler: this instance runs the campaign rounds")
+            await asyncio.Event().wait()  # until cancelled
+        finally:
+            self._leading = False
+            executor.paused = True
+            if aps.state != STATE_STOPPED:
+                aps.pause()
+            if _RUNNING.get(self.key) is self:
+                del _RUNNING[self.key]
+            await executor.cancel_running()
+            log.info("scheduler: campaign rounds paused on this instance")
+
     async def stop(self) -> None:
         """Stop the rounds and the dispatch; submits in flight get ``STOP_GRACE_S`` to finish."""
+        if self._leader is not None:
+            await self._leader.remove_duty(ROUNDS_DUTY)
+        self._leading = False
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
@@ -598,10 +666,10 @@ class Scheduler:
     async def sync_campaigns(self) -> SyncReport:
         """Make the jobs match the campaigns: one per active campaign with its cadence; none for a
         paused, deleted or invalid one. A new campaign's first round runs at once. Call it after
-        changing campaigns; when this scheduler is not running (disabled) it does nothing, and the
-        running one catches up within ``sync_interval_s``."""
+        changing campaigns; when this scheduler is not running (disabled) or not the leader's it
+        does nothing, and the leader's catches up within ``sync_interval_s``."""
         aps = self._aps
-        if aps is None:
+        if aps is None or not self._leading:
             return SyncReport()
         async with self._sync_lock:
             async with self._engine.connect() as conn:
@@ -685,16 +753,25 @@ class Scheduler:
         plan = RoundPlan(campaign_id=campaign_id, planned_at=now)
         async with self._engine.connect() as conn:
             await _begin_write(conn)
+            # With a leader: only while this instance holds the lease, which stays so until commit
+            # (locked on PostgreSQL; SQLite's write lock keeps every other writer out).
+            leading = self._leader is None or await self._leader.holds(conn)
             # Locks the campaign row on PostgreSQL until commit: rounds of one campaign (and so
             # their budget checks) go one at a time. SQLite's BEGIN IMMEDIATE already did.
             row = (
-                await conn.execute(
-                    select(s.campaigns.c.definition, s.campaigns.c.paused)
-                    .where(s.campaigns.c.id == campaign_id)
-                    .with_for_update()
-                )
-            ).one_or_none()
-            if row is None:
+                (
+                    await conn.execute(
+                        select(s.campaigns.c.definition, s.campaigns.c.paused)
+                        .where(s.campaigns.c.id == campaign_id)
+                        .with_for_update()
+                    )
+                ).one_or_none()
+                if leading
+                else None
+            )
+            if not leading:
+                plan.reason = "this controller instance is not the leader"
+            elif row is None:
                 plan.reason = "campaign not found"
             elif row.paused:
                 plan.reason = "campaign paused"

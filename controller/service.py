@@ -1,6 +1,13 @@
 """The controller service process, until stopped: the database, the MQTT link with ingest and
 correlation, the deadline sweep, clock sync, the scheduler, score recomputes with the routing
 table published on change, and the REST API.
+
+Several instances may run on one database (``[leader]``). Every instance ingests (an MQTT shared
+subscription splits the observations), dispatches due tests (each claimed once), serves the API,
+runs its sender and loads the newest routing table into it. Only the leader (``controller.leader``)
+runs what must happen once: the campaign rounds, the deadline sweep, the score recompute with the
+routing table's rebuild and publish, and the clock sync with the agents (every instance would
+otherwise send every agent its own time requests and overwrite the others' stored offsets).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from controller.api.app import serving
 from controller.clock_sync import ClockSync
 from controller.config import ControllerConfig
 from controller.ingest import Ingest
+from controller.leader import Leader
 from controller.mqtt import ControllerLink
 from controller.schedule import Scheduler
 from controller.sender.rules import load_rules
@@ -72,6 +80,21 @@ async def _routing(
         await asyncio.sleep(1.0 if waiting else max(0.0, next_rebuild - loop.time()))
 
 
+async def _use_latest_table(engine: AsyncEngine, sender: Sender, leader: Leader, interval_s: float) -> None:
+    """While following, route by the newest stored routing table, read every ``interval_s``: the
+    leader builds it (and hands it to its own sender at once), every instance's sender uses it."""
+    while True:
+        try:
+            if not leader.is_leader:
+                async with engine.connect() as conn:
+                    table = await routing.latest(conn)
+                if table is not None and not leader.is_leader:
+                    sender.use_table(table)
+        except Exception:
+            log.exception("reading the routing table failed; retrying in %.0f s", interval_s)
+        await asyncio.sleep(interval_s)
+
+
 async def _sync_routes(sender: Sender, interval_s: float) -> None:
     """Bring the sender's connectors in line with the routes table every ``interval_s``."""
     while True:
@@ -106,6 +129,13 @@ async def serve(config: ControllerConfig, stop: asyncio.Event, submitter: Submit
     ingest.on_failure = link.reconnect
     clock = ClockSync(engine, link, topics, config.time_exchange_interval_s)
     ingest.on_response = clock.on_response
+    leader = Leader(
+        engine,
+        ttl_s=config.leader.ttl_s,
+        renew_interval_s=config.leader.renew_interval_s,
+        max_clock_skew_s=config.leader.max_clock_skew_s,
+    )
+    log.info("controller instance %s", leader.holder)
     tasks: list[asyncio.Task[None]] = []
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(engine.dispose)
@@ -119,31 +149,39 @@ async def serve(config: ControllerConfig, stop: asyncio.Event, submitter: Submit
             )
             await sender.start()
             stack.push_async_callback(sender.stop)
-            tasks.append(
-                asyncio.create_task(_sync_routes(sender, config.sender.sync_interval_s), name="routes")
-            )
+            tasks += [
+                asyncio.create_task(_sync_routes(sender, config.sender.sync_interval_s), name="routes"),
+                asyncio.create_task(
+                    _use_latest_table(engine, sender, leader, config.routing.rebuild_interval_s), name="table"
+                ),
+            ]
             submitter = submitter or sender
         if config.api.enabled:
-            urls = await stack.enter_async_context(serving(engine, config, sender))
+            urls = await stack.enter_async_context(serving(engine, config, sender, leader=leader))
             log.info("REST API at %s", ", ".join(urls))
+        # The singleton work: duties that run only while this instance leads.
+        leader.add_duty("clock sync", clock.run)
+        leader.add_duty("deadline sweep", lambda: _sweep(ingest, config.correlation.sweep_interval_s))
+        leader.add_duty("routing table", lambda: _routing(engine, config, link, topics, sender))
+        stack.push_async_callback(leader.stop)
+        await leader.start()
         if config.schedule.enabled:
             if submitter is None:
                 log.warning("no sender connected: scheduled tests will be refused at submit")
-            scheduler = Scheduler(engine, config.schedule, submitter or NoSender(), config.database_url)
+            scheduler = Scheduler(
+                engine, config.schedule, submitter or NoSender(), config.database_url, leader=leader
+            )
             await scheduler.start()
             stack.push_async_callback(scheduler.stop)
-        tasks += [
-            asyncio.create_task(link.run(), name="mqtt"),
-            asyncio.create_task(clock.run(), name="clock sync"),
-            asyncio.create_task(_sweep(ingest, config.correlation.sweep_interval_s), name="deadline sweep"),
-            asyncio.create_task(_routing(engine, config, link, topics, sender), name="routing table"),
-        ]
+        tasks.append(asyncio.create_task(link.run(), name="mqtt"))
         log.info("controller serving (session %s)", link.session)
         try:
             await stop.wait()
         finally:
-            # Write and acknowledge what was taken while still connected, then disconnect: what
-            # arrives meanwhile stays unacknowledged and comes again after a restart.
+            # The singleton work stops first and the lease is released: another instance takes
+            # over at once. Then write and acknowledge what was taken while still connected, and
+            # disconnect: what arrives meanwhile stays unacknowledged and comes again after a restart.
+            await leader.stop()
             await ingest.close()
             await link.stop()
             for task in tasks:

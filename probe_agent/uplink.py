@@ -225,6 +225,11 @@ class Uplink:
         parsed = self.topics.parse(topic)
         if parsed is None:
             return
+        if parsed.agent is not None and parsed.agent != self.agent:
+            # Not ours: a broker that delivers beyond our subscriptions (amqtt 0.12 sends every
+            # retained message on connect) must not make us answer or overwrite another agent.
+            log.debug("ignoring %s: it is another agent's topic", topic)
+            return
         if parsed.kind == "request" and parsed.command is not None:
             await self._on_command(parsed.command, payload, received_at)
         elif parsed.kind == "status" and not self._stopping.is_set():

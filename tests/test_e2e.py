@@ -1,54 +1,29 @@
 """End to end: the default scenario through the whole system, judged against simnet's truth.
 
-``probe-fleet demo --duration`` runs everything as a user would (mosquitto, simnet, the
-controller, one real probe-agent process per emulated Pi on its virtual modems); its report is
-checked against what the scenario says the routes are, and every latency against the ground
-truth. One emulated Pi (pi-de-1) runs with its clock 30 s fast: its latencies must hold too, so
-the clock-offset correction is what makes them right.
+``probe-fleet demo --duration`` (one run per session, ``tests.demo_run``, shared with the web
+UI tests) runs everything as a user would (mosquitto, simnet, the controller, one real
+probe-agent process per emulated Pi on its virtual modems); its report is checked against what
+the scenario says the routes are, and every latency against the ground truth. One emulated Pi
+(pi-de-1) runs with its clock 30 s fast: its latencies must hold too, so the clock-offset
+correction is what makes them right.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
-from tests.mosquitto import free_port
+from tests.demo_run import DEMO_DURATION_S, DEMO_TIMEOUT_S, DemoRun, demo_run
 
-DURATION_S = 140
+__all__ = ["demo_run"]
 
 
-@pytest.mark.timeout(DURATION_S + 60)
-def test_default_scenario_measures_the_truth(tmp_path: Path) -> None:
-    workdir = tmp_path / "demo"
-    report_path = tmp_path / "report.json"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "controller.cli",
-            "demo",
-            "--duration",
-            str(DURATION_S),
-            "--report",
-            str(report_path),
-            "--workdir",
-            str(workdir),
-            "--port",
-            str(free_port()),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=DURATION_S + 35,
-        check=False,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    report = json.loads(report_path.read_text())
+@pytest.mark.timeout(DEMO_TIMEOUT_S)
+def test_default_scenario_measures_the_truth(demo_run: DemoRun) -> None:
+    workdir, report = demo_run.workdir, demo_run.report
     networks = json.loads((workdir / "simnet" / "simnet.json").read_text())["networks"]
 
     table = report["routing_table"]
@@ -84,7 +59,7 @@ def test_default_scenario_measures_the_truth(tmp_path: Path) -> None:
     started = datetime.fromisoformat(
         json.loads((workdir / "simnet" / "simnet.json").read_text())["started_at"]
     )
-    half_way = started.timestamp() + DURATION_S / 2
+    half_way = started.timestamp() + DEMO_DURATION_S / 2
 
     def rank(document: str, mcc_mnc: str) -> int:
         routes = [c["route"] for c in json.loads(document)["networks"].get(mcc_mnc, [])]

@@ -1,4 +1,5 @@
 """The REST API application: :func:`make_app` builds it, :func:`serving` / :func:`run_api` serve it.
+The web UI (``controller.web``) is served by the same application, at ``/``.
 
 Three middlewares wrap every handler, outermost first: the access log (a request id, echoed in
 ``X-Request-Id``, and the time taken), the error middleware (every failure becomes the one JSON
@@ -18,6 +19,7 @@ from contextlib import asynccontextmanager
 from contextvars import ContextVar
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -28,7 +30,10 @@ from controller.api.errors import ApiError, ErrorBody
 from controller.api.openapi import build_document, dumps
 from controller.api.ops import API_CONFIG, API_ROOT, ENGINE, Operation, handler, json_response
 from controller.config import ControllerConfig
+from controller.leader import Leader
 from controller.sender.sender import Sender
+from controller.web.app import setup_ui
+from controller.web.guard import ui_middleware
 
 log = logging.getLogger(__name__)
 
@@ -142,33 +147,48 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
         CALLER.reset(ids[1])
 
 
-def make_app(engine: AsyncEngine, config: ControllerConfig, sender: Sender | None = None) -> web.Application:
-    """The REST API on ``engine``, configured by ``config.api``; ``sender`` sends messages."""
-    app = web.Application(
-        middlewares=[access_log_middleware, error_middleware, auth_middleware],
-        client_max_size=config.api.max_body_bytes,
-    )
+def make_app(
+    engine: AsyncEngine,
+    config: ControllerConfig,
+    sender: Sender | None = None,
+    *,
+    leader: Leader | None = None,
+) -> web.Application:
+    """The REST API on ``engine``, configured by ``config.api``; ``sender`` sends messages;
+    ``leader`` says in ``/health`` whether this instance leads."""
+    middlewares: list[Middleware] = [access_log_middleware, error_middleware, auth_middleware]
+    if config.ui.enabled:
+        middlewares.append(ui_middleware)  # innermost: UI paths get HTML errors, the API's JSON ones
+    app = web.Application(middlewares=middlewares, client_max_size=config.api.max_body_bytes)
     app[ENGINE] = engine
     app[API_CONFIG] = config.api
     app[TOUCHED] = {}
     if sender is not None:
         app[messages.SENDER] = sender
+    if leader is not None:
+        app[meta.LEADER] = leader
     app[OPERATIONS_KEY] = {(op.method, op.full_path): op for op in OPERATIONS}
     app[meta.OPENAPI_DOCUMENT] = dumps(build_document(OPERATIONS)).encode()
     for op in OPERATIONS:
         app.router.add_route(op.method, op.full_path, handler(op))
+    if config.ui.enabled:
+        setup_ui(app, engine, config)
     return app
 
 
 @asynccontextmanager
 async def serving(
-    engine: AsyncEngine, config: ControllerConfig, sender: Sender | None = None
+    engine: AsyncEngine,
+    config: ControllerConfig,
+    sender: Sender | None = None,
+    *,
+    leader: Leader | None = None,
 ) -> AsyncIterator[list[str]]:
     """Serve the API while the block runs; yields its base URLs (the real port when the config
     says 0). Requests in flight get ``shutdown_timeout_s`` to finish when the block ends."""
     api = config.api
     runner = web.AppRunner(
-        make_app(engine, config, sender),
+        make_app(engine, config, sender, leader=leader),
         access_log=None,
         handle_signals=False,
         shutdown_timeout=api.shutdown_timeout_s,

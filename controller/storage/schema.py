@@ -258,6 +258,8 @@ results = Table(
     Column("notes", JSON, nullable=False, default=list, comment="Why things are as they are, in words."),
 )
 Index("ix_results_route_network_decided", results.c.route, results.c.mcc_mnc, results.c.decided_at)
+#: What the web UI's live feed reads every second: results decided since its last look.
+Index("ix_results_decided", results.c.decided_at)
 
 scores = Table(
     "scores",
@@ -348,6 +350,29 @@ api_tokens = Table(
     Column("revoked", Boolean, nullable=False, default=False),
 )
 
+users = Table(
+    "users",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("password_hash", String(255), nullable=False, comment="argon2id hash of the password."),
+    Column("role", String(16), nullable=False, comment="viewer, operator or admin"),
+    _ts("created_at", nullable=False),
+    _ts("last_login_at"),
+    Column("disabled", Boolean, nullable=False, default=False),
+)
+
+web_sessions = Table(
+    "web_sessions",
+    metadata,
+    Column("key", String(64), primary_key=True, comment="SHA-256 hex of the session cookie."),
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("csrf_token", String(64), nullable=False),
+    _ts("created_at", nullable=False),
+    _ts("last_seen_at", nullable=False),
+    _ts("expires_at", nullable=False),
+)
+
 dead_letters = Table(
     "dead_letters",
     metadata,
@@ -371,6 +396,20 @@ scheduler_jobs = Table(
     Column("job_state", LargeBinary, nullable=False),
 )
 
+#: Leases held by one controller instance at a time (``controller.leader``): ``scheduler`` is the
+#: leader's, for the work that must run exactly once (campaign rounds, the deadline sweep, the
+#: routing table, clock sync). Taken when free or expired, renewed while held, released (expired
+#: at once) on a clean stop; times from the instances' own (NTP'd) clocks.
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(64), primary_key=True, comment="What the lease is for: scheduler."),
+    Column("holder", String(128), nullable=False, comment="Instance id of the holder: host-pid-random."),
+    _ts("acquired_at", nullable=False),
+    _ts("renewed_at", nullable=False),
+    _ts("expires_at", nullable=False),
+)
+
 __all__ = [
     "UTCDateTime",
     "agents",
@@ -378,6 +417,7 @@ __all__ = [
     "campaigns",
     "conversions",
     "dead_letters",
+    "leases",
     "metadata",
     "networks",
     "observations",
@@ -390,4 +430,6 @@ __all__ = [
     "scheduler_jobs",
     "scores",
     "test_cases",
+    "users",
+    "web_sessions",
 ]
