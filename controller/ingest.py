@@ -6,7 +6,12 @@ transaction (``controller.results``); ``sweep`` decides the tests whose deadline
 
 Agent availability follows the retained status and the last will, by session: a ``lost`` will
 of an old session never overrides a newer ``online``. Probe state follows the modems' retained
-state; a SIM seen in another modem, or a modem holding another SIM, is recorded as an event.
+state; a SIM seen in another modem, or a modem holding another SIM, is recorded as an event,
+and so is a change of registration or connection. Each change of signal, registration or
+connection is also kept as a probe sample (the probe page's signal history): always for
+registration and connection, at most every ``SAMPLE_EVERY`` for the signal alone, so a modem
+whose signal wobbles on every report writes a few rows an hour, not thousands; a probe's samples
+older than ``SAMPLES_KEPT`` are deleted when it gets a new one.
 Each message is acknowledged to the broker only after its transaction committed.
 """
 
@@ -17,10 +22,10 @@ import logging
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, delete, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -46,6 +51,12 @@ Ack = Callable[[], None]
 
 #: Full batches that may wait for the database while the next one is received.
 MAX_WRITES_AHEAD = 2
+#: A probe's signal alone is sampled at most this often (registration and connection changes
+#: always are): agents report the modem state on every change, and signal wobbles.
+SAMPLE_EVERY = timedelta(minutes=5)
+#: A probe's samples older than this are deleted when it gets a new one (through the (imsi, at)
+#: index: a handful of rows each time, never a scan of the table).
+SAMPLES_KEPT = timedelta(days=30)
 
 
 @dataclass
@@ -396,11 +407,20 @@ class Ingest:
         await self._ensure_agent(conn, state.agent, at)
         document = state.model_dump(mode="json")
         if not state.imsi:  # modem down or SIM unreadable: whatever SIM was there is not reachable now
+            here = and_(s.probes.c.agent_id == state.agent, s.probes.c.modem_id == state.modem)
+            gone = (
+                await conn.execute(
+                    select(s.probes.c.imsi, s.probes.c.registration).where(here, s.probes.c.connected)
+                )
+            ).all()
             await conn.execute(
-                update(s.probes)
-                .where(and_(s.probes.c.agent_id == state.agent, s.probes.c.modem_id == state.modem))
-                .values(connected=False, state=document, updated_at=at)
+                update(s.probes).where(here).values(connected=False, state=document, updated_at=at)
             )
+            for imsi, registration in gone:
+                await self._registration_changed(
+                    conn, at, state, imsi, (registration, True), (registration, False)
+                )
+                await self._sample(conn, imsi, at, None, registration, connected=False)
             return
         # The modem held another SIM before: that SIM left it.
         others = (
@@ -421,6 +441,7 @@ class Ingest:
                 .where(s.probes.c.imsi == old_imsi)
                 .values(agent_id=None, modem_id=None, connected=False)
             )
+            await self._sample(conn, old_imsi, at, None, None, connected=False)
         row = (await conn.execute(select(s.probes).where(s.probes.c.imsi == state.imsi))).one_or_none()
         values: dict[str, Any] = {
             "iccid": state.iccid,
@@ -436,22 +457,96 @@ class Ingest:
         }
         if row is None:
             await conn.execute(s.probes.insert().values(imsi=state.imsi, **values))
-            return
-        if row.agent_id is not None and (row.agent_id, row.modem_id) != (state.agent, state.modem):
-            await self._event(
-                conn, at, "sim_moved", state, {"from_agent": row.agent_id, "from_modem": row.modem_id}
+        else:
+            if row.agent_id is not None and (row.agent_id, row.modem_id) != (state.agent, state.modem):
+                await self._event(
+                    conn, at, "sim_moved", state, {"from_agent": row.agent_id, "from_modem": row.modem_id}
+                )
+            await self._registration_changed(
+                conn,
+                at,
+                state,
+                state.imsi,
+                (row.registration, row.connected),
+                (state.registration, state.connected),
             )
-        await conn.execute(update(s.probes).where(s.probes.c.imsi == state.imsi).values(**values))
+            await conn.execute(update(s.probes).where(s.probes.c.imsi == state.imsi).values(**values))
+        await self._sample(
+            conn, state.imsi, at, state.signal_dbm, state.registration, connected=state.connected
+        )
+
+    async def _registration_changed(
+        self,
+        conn: AsyncConnection,
+        at: datetime,
+        state: ModemState,
+        imsi: str,
+        before: tuple[str | None, bool],
+        after: tuple[str | None, bool],
+    ) -> None:
+        """A ``registration`` event when the probe's registration or connection changed; its
+        detail names what changed, ``{"registration": {"from": ..., "to": ...}, "connected": ...}``."""
+        detail = {
+            name: {"from": old, "to": new}
+            for name, old, new in zip(("registration", "connected"), before, after, strict=True)
+            if old != new
+        }
+        if detail:
+            await self._event(conn, at, "registration", state, detail, imsi=imsi, level=logging.INFO)
+
+    async def _sample(
+        self,
+        conn: AsyncConnection,
+        imsi: str,
+        at: datetime,
+        signal_dbm: int | None,
+        registration: str | None,
+        *,
+        connected: bool,
+    ) -> None:
+        """Keep a probe sample when registration or connection changed since the probe's last one,
+        or the signal did and that one is ``SAMPLE_EVERY`` old; then drop its expired ones."""
+        p = s.probe_samples.c
+        last = (
+            await conn.execute(
+                select(p.at, p.signal_dbm, p.registration, p.connected)
+                .where(p.imsi == imsi)
+                .order_by(p.at.desc())
+                .limit(1)
+            )
+        ).first()
+        if (
+            last is not None
+            and (last.registration, last.connected) == (registration, connected)
+            and (last.signal_dbm == signal_dbm or at - last.at < SAMPLE_EVERY)
+        ):
+            return
+        await conn.execute(
+            s.probe_samples.insert().values(
+                imsi=imsi, at=at, signal_dbm=signal_dbm, registration=registration, connected=connected
+            )
+        )
+        await conn.execute(delete(s.probe_samples).where(p.imsi == imsi, p.at < at - SAMPLES_KEPT))
 
     async def _event(
-        self, conn: AsyncConnection, at: datetime, kind: str, state: ModemState, detail: dict[str, Any]
+        self,
+        conn: AsyncConnection,
+        at: datetime,
+        kind: str,
+        state: ModemState,
+        detail: dict[str, Any],
+        *,
+        imsi: str | None = None,
+        level: int = logging.WARNING,
     ) -> None:
-        log.warning(
-            "probe %s: %s %s", state.imsi, kind, detail, extra={"agent": state.agent, "modem": state.modem}
+        """A probe event: of ``imsi``, by default the SIM the state reports."""
+        imsi = imsi or state.imsi
+        log.log(
+            level, "probe %s: %s %s", imsi, kind, detail, extra={"agent": state.agent, "modem": state.modem}
         )
         await conn.execute(
             s.probe_events.insert().values(
-                at=at, kind=kind, imsi=state.imsi, agent_id=state.agent, modem_id=state.modem, detail=detail
+                at=at, kind=kind, imsi=imsi, agent_id=state.agent, modem_id=state.modem, detail=detail
             )
         )
 

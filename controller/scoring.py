@@ -12,7 +12,8 @@ fades. From those weighted results, per (route, network):
   beats 20 of 20, and a route is not rewarded for being measured little. Late deliveries count as
   delivered; their lateness costs them through the latency percentiles.
 * latency p50 / p90 / p99 of the delivered results, weighted by decay (the smallest latency
-  whose cumulative weight reaches the quantile: numpy's ``inverted_cdf`` with weights);
+  whose cumulative weight reaches the quantile: numpy's ``inverted_cdf`` with weights), and p95
+  for display (the web UI's p50 / p95 figures; it is not part of the score);
 * sender-ID integrity (sender kept, among results where it is known), content integrity, receipt
   honesty (honest among judged receipts; a fake receipt, "delivered" for a message that never
   came, weighs ``fake_receipt_penalty`` times a wrong one), grey-route signs (a SIM-box sender or
@@ -94,6 +95,8 @@ DELIVERED_ONLY: Final = ("latency", "sender", "content", "grey")
 #: they rest on fewer results and move more between recomputes.
 QUANTILES: Final = (0.5, 0.9, 0.99)
 QUANTILE_WEIGHTS: Final = (0.5, 0.3, 0.2)
+#: Percentiles stored in the stats for people to read but not scored (``latency_p95_ms``).
+SHOWN_QUANTILES: Final = (0.95,)
 #: Latency-curve value at ``latency_good_ms`` (at ``latency_half_ms`` it is 0.5 by definition).
 GOOD_LATENCY_SCORE: Final = 0.9
 #: A component at or above this is named a strength in the explanation; a weakness below it.
@@ -299,9 +302,10 @@ def compute(
 
     timed = in_window & delivered & ~np.isnan(columns.latency_ms)
     percentiles = weighted_percentiles(
-        pair[timed], columns.latency_ms[timed], weight[timed], n_pairs, QUANTILES
+        pair[timed], columns.latency_ms[timed], weight[timed], n_pairs, (*QUANTILES, *SHOWN_QUANTILES)
     )
-    latency_parts = latency_score(percentiles, config.latency_good_ms, config.latency_half_ms)
+    scored_percentiles = percentiles[:, : len(QUANTILES)]
+    latency_parts = latency_score(scored_percentiles, config.latency_good_ms, config.latency_half_ms)
     latency = latency_parts @ np.asarray(QUANTILE_WEIGHTS)
 
     def share(column: TriArray) -> FloatArray:
@@ -366,6 +370,7 @@ def compute(
         "late": _ratio(late_w, effective),
         "latency_p50_ms": percentiles[:, 0],
         "latency_p90_ms": percentiles[:, 1],
+        "latency_p95_ms": percentiles[:, 3],
         "latency_p99_ms": percentiles[:, 2],
         "sender_kept": sender,
         "content_intact": content,

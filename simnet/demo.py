@@ -1,8 +1,10 @@
 """The one-command demo: the whole system on this machine, fed by simnet.
 
-``probe-fleet demo`` starts, each in its own process: a broker (mosquitto on a free loopback
-port), simnet (its SMSCs and virtual modems), the controller (``probe-fleet serve`` with SQLite in
-the work folder) and one real ``probe-agent`` per emulated Pi, opening its virtual modems' ports.
+``probe-fleet demo`` starts, each in its own process: a broker on a free loopback port
+(``--broker``: mosquitto when installed, else the embedded amqtt of ``simnet.broker``, which
+speaks MQTT 3.1.1 only, so the controller and agents are then configured for 3.1.1), simnet (its
+SMSCs and virtual modems), the controller (``probe-fleet serve`` with SQLite in the work folder)
+and one real ``probe-agent`` per emulated Pi, opening its virtual modems' ports.
 It creates an admin API token, enters the scenario's networks and routes through the REST API,
 and starts one campaign over every route and network at a demo cadence (seconds, not minutes).
 While it runs it prints progress (tests sent, delivered, pending; the top route per network).
@@ -29,6 +31,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -45,6 +48,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from simnet.scenario import Scenario, ScenarioError
 
@@ -73,6 +79,8 @@ SENDER = "PFDemo"
 #: prctl option: the signal a child gets when its parent dies.
 PR_SET_PDEATHSIG = 1
 TEMPLATES = ["otp", "plain", "unicode", "long"]
+#: ``--broker``: auto is mosquitto when installed, else the embedded amqtt (``simnet.broker``).
+BROKER_CHOICES = ("auto", "mosquitto", "embedded")
 
 
 class DemoError(Exception):
@@ -182,11 +190,34 @@ def mosquitto_binary() -> str | None:
     )
 
 
-def start_broker(processes: Processes) -> int:
-    """Mosquitto on a free loopback port, anonymous, in memory; its port."""
+@dataclass(frozen=True)
+class DemoBroker:
+    """The demo's running broker: where it listens, what the banner calls it, and the MQTT
+    version the controller and agents must speak to it (their ``[broker] protocol``)."""
+
+    port: int
+    description: str
+    protocol: str
+
+
+def broker_kind(requested: str) -> str:
+    """``--broker auto|mosquitto|embedded`` as ``mosquitto`` or ``embedded``: auto is mosquitto
+    when installed, else the embedded one."""
+    if requested == "auto":
+        return "mosquitto" if mosquitto_binary() is not None else "embedded"
+    return requested
+
+
+def start_broker(processes: Processes, kind: str = "mosquitto") -> DemoBroker:
+    """The broker (``broker_kind``'s answer) on a free loopback port, anonymous, in memory."""
+    if kind == "embedded":
+        return start_embedded_broker(processes)
     binary = mosquitto_binary()
     if binary is None:
-        raise DemoError("mosquitto is not installed (apt install mosquitto): the demo needs an MQTT broker")
+        raise DemoError(
+            "mosquitto is not installed (apt install mosquitto): the demo needs an MQTT broker;"
+            " --broker embedded (or auto) runs the embedded one instead"
+        )
     port = free_port()
     conf = processes.workdir / "mosquitto.conf"
     conf.write_text(
@@ -194,13 +225,44 @@ def start_broker(processes: Processes) -> int:
         "max_queued_messages 0\nmax_inflight_messages 0\n"
     )
     processes.start("mosquitto", [binary, "-c", str(conf)])
+    _wait_listening(port, "mosquitto", processes)
+    return DemoBroker(port, "mosquitto", "5")
 
+
+def start_embedded_broker(processes: Processes) -> DemoBroker:
+    """``python -m simnet.broker`` (amqtt, MQTT 3.1.1 only) on a free loopback port."""
+    from simnet.broker import DESCRIPTION  # imports amqtt: only when it is used
+
+    port = free_port()
+    processes.start("broker", [sys.executable, "-m", "simnet.broker", "--port", str(port)])
+    wait_until(lambda: _answers_mqtt(port), "the embedded broker to answer", processes)
+    return DemoBroker(port, DESCRIPTION, "3.1.1")
+
+
+def _wait_listening(port: int, what: str, processes: Processes) -> None:
     def listening() -> bool:
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", port)) == 0
 
-    wait_until(listening, "mosquitto to listen", processes)
-    return port
+    wait_until(listening, f"{what} to listen", processes)
+
+
+def _answers_mqtt(port: int, timeout_s: float = 2.0) -> bool:
+    """An MQTT 3.1.1 CONNECT on loopback ``port`` is accepted (amqtt logs a bare TCP probe, a
+    connection closed before its CONNECT, as an error)."""
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"demo-ready-{os.getpid()}", protocol=mqtt.MQTTv311
+    )
+    try:
+        client.connect("127.0.0.1", port, keepalive=10)
+        deadline = time.monotonic() + timeout_s
+        while not client.is_connected() and time.monotonic() < deadline:
+            client.loop(timeout=0.1)
+        return client.is_connected()
+    except OSError:
+        return False
+    finally:
+        client.disconnect()
 
 
 class Api:
@@ -226,14 +288,22 @@ class Api:
         return int(self.call("GET", path)["total"])
 
 
-def controller_toml(path: Path, *, broker_port: int, api_port: int, database: Path, cadence_s: float) -> Path:
+def controller_toml(
+    path: Path,
+    *,
+    broker_port: int,
+    api_port: int,
+    database: Path,
+    cadence_s: float,
+    protocol: str = "5",
+) -> Path:
     """The demo controller's config: SQLite, the demo broker, scores and table at demo pace."""
     rebuild_s = max(2.0, cadence_s / 2)
     path.write_text(
         f'database_url = "sqlite:///{database}"\n'
         "time_exchange_interval_s = 10\n"
         "[broker]\n"
-        f'host = "127.0.0.1"\nport = {broker_port}\nclient_id = "demo-controller"\n'
+        f'host = "127.0.0.1"\nport = {broker_port}\nprotocol = "{protocol}"\nclient_id = "demo-controller"\n'
         "[correlation]\ngrace_s = 10\nsweep_interval_s = 1\n"
         f"[schedule]\ndeadline_s = {DEADLINE_S}\ndispatch_interval_s = 0.5\nsync_interval_s = 2\n"
         "late_submit_s = 20\nsubmit_timeout_s = 10\nretry_after_s = 5\n"
@@ -251,13 +321,20 @@ def controller_toml(path: Path, *, broker_port: int, api_port: int, database: Pa
     return path
 
 
-def agent_toml(path: Path, *, pi: dict[str, Any], handsets: list[dict[str, Any]], broker_port: int) -> Path:
+def agent_toml(
+    path: Path,
+    *,
+    pi: dict[str, Any],
+    handsets: list[dict[str, Any]],
+    broker_port: int,
+    protocol: str = "5",
+) -> Path:
     """One emulated Pi's agent config: its virtual modems, its (possibly shifted) clock."""
     lines = [
         f'agent_id = "{pi["id"]}"',
         "heartbeat_interval_s = 10",
         "[broker]",
-        f'host = "127.0.0.1"\nport = {broker_port}',
+        f'host = "127.0.0.1"\nport = {broker_port}\nprotocol = "{protocol}"',
         "[spool]",
         f'path = "{path.parent / "spool.db"}"',
         "[clock]",
@@ -279,28 +356,42 @@ def agent_toml(path: Path, *, pi: dict[str, Any], handsets: list[dict[str, Any]]
     return path
 
 
-def create_token(config: Path, processes: Processes) -> str:
+def _cli(config: Path, *args: str, what: str, stdin: str | None = None) -> str:
+    """Run ``probe-fleet ARGS --config CONFIG``; its standard output, or a DemoError."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "controller.cli",
-            "token",
-            "add",
-            "demo",
-            "--role",
-            "admin",
-            "--config",
-            str(config),
-        ],
+        [sys.executable, "-m", "controller.cli", *args, "--config", str(config)],
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=READY_TIMEOUT_S,
         check=False,
     )
     if result.returncode != 0:
-        raise DemoError(f"creating the demo's API token failed: {result.stderr.strip()}")
-    return result.stdout.strip().splitlines()[-1]
+        raise DemoError(f"{what} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def create_token(config: Path, processes: Processes) -> str:
+    """The demo's admin API token (the demo seeds the controller through the REST API)."""
+    output = _cli(config, "token", "add", "demo", "--role", "admin", what="creating the demo's API token")
+    return output.strip().splitlines()[-1]
+
+
+def create_ui_user(config: Path) -> str:
+    """The demo's web UI user ``demo`` (admin) with a fresh random password, returned."""
+    password = secrets.token_urlsafe(12)
+    _cli(
+        config,
+        "user",
+        "add",
+        "demo",
+        "--role",
+        "admin",
+        "--password-stdin",
+        what="creating the demo's web UI user",
+        stdin=password + "\n",
+    )
+    return password
 
 
 def seed(api: Api, world: dict[str, Any], cadence_s: float) -> int:
@@ -541,6 +632,7 @@ def run(
     api_port: int,
     cadence_s: float,
     seed_value: int,
+    broker: str = "auto",
 ) -> int:
     """Run the demo; 0 on a clean stop (Ctrl-C or the end of the duration), 1 when a part failed."""
     try:
@@ -567,6 +659,7 @@ def run(
                 api_port,
                 cadence_s,
                 seed_value,
+                broker,
                 stopping,
             )
         except DemoError as exc:
@@ -588,6 +681,7 @@ def _run(
     api_port: int,
     cadence_s: float,
     seed_value: int,
+    broker_choice: str,
     stopping: dict[str, bool],
 ) -> int:
     root = processes.workdir
@@ -599,8 +693,8 @@ def _run(
         stale.unlink(missing_ok=True)  # a reused work folder starts afresh
     started = time.monotonic()
     print(f"probe-fleet demo: work folder {root}", flush=True)
-    broker_port = start_broker(processes)
-    print(f"  broker   mosquitto on 127.0.0.1:{broker_port}", flush=True)
+    broker = start_broker(processes, broker_kind(broker_choice))
+    print(f"  broker   {broker.description} on 127.0.0.1:{broker.port}", flush=True)
 
     simnet_dir = root / "simnet"
     simnet_dir.mkdir(exist_ok=True)
@@ -620,17 +714,19 @@ def _run(
         flush=True,
     )
 
-    if not port_is_free(api_port):
+    if api_port == 0 or not port_is_free(api_port):  # 0: any free port, known before the controller starts
         api_port = free_port()
     database = root / "controller.db"
     config = controller_toml(
         root / "controller.toml",
-        broker_port=broker_port,
+        broker_port=broker.port,
         api_port=api_port,
         database=database,
         cadence_s=cadence_s,
+        protocol=broker.protocol,
     )
     token = create_token(config, processes)
+    ui_password = create_ui_user(config)
     processes.start("controller", [sys.executable, "-m", "controller.cli", "serve", "--config", str(config)])
     base = f"http://127.0.0.1:{api_port}/api/v1"
     api = Api(base, token)
@@ -643,6 +739,7 @@ def _run(
         return True
 
     wait_until(healthy, "the controller's API", processes)
+    print(f"  web UI   http://127.0.0.1:{api_port}/  (user: demo, password: {ui_password})", flush=True)
     print(f"  API      {base}  (token: {token})", flush=True)
 
     pis = {pi.id: pi for pi in scenario.pis}
@@ -655,7 +752,8 @@ def _run(
             root / "agents" / pi_id / "agent.toml",
             pi={"id": pi_id, "clock_shift_s": pi.clock_shift_s},
             handsets=handsets,
-            broker_port=broker_port,
+            broker_port=broker.port,
+            protocol=broker.protocol,
         )
         processes.start(
             f"agent-{pi_id}", [sys.executable, "-m", "probe_agent.cli", "run", "--config", str(config_path)]
@@ -708,6 +806,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8080, help="API port (a free one when taken)")
     parser.add_argument("--cadence", type=float, default=CADENCE_S, help="seconds between rounds")
     parser.add_argument("--seed", type=int, default=1, help="simnet's random seed")
+    parser.add_argument(
+        "--broker",
+        choices=BROKER_CHOICES,
+        default="auto",
+        help="the MQTT broker: mosquitto, the embedded amqtt (MQTT 3.1.1 only), or auto (default):"
+        " mosquitto when installed, else the embedded one",
+    )
     args = parser.parse_args(argv)
     if args.duration is not None and args.duration < DRAIN_S + 10:
         parser.error(f"--duration must be at least {DRAIN_S + 10:g} s")
@@ -722,6 +827,7 @@ def main(argv: list[str] | None = None) -> int:
         api_port=args.port,
         cadence_s=args.cadence,
         seed_value=args.seed,
+        broker=args.broker,
     )
 
 

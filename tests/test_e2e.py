@@ -24,6 +24,7 @@ __all__ = ["demo_run"]
 @pytest.mark.timeout(DEMO_TIMEOUT_S)
 def test_default_scenario_measures_the_truth(demo_run: DemoRun) -> None:
     workdir, report = demo_run.workdir, demo_run.report
+    assert "web UI   http://127.0.0.1:" in demo_run.stdout and "user: demo, password: " in demo_run.stdout
     networks = json.loads((workdir / "simnet" / "simnet.json").read_text())["networks"]
 
     table = report["routing_table"]

@@ -423,3 +423,68 @@ async def test_full_batches_are_written_behind_the_receive_loop(tmp_path: Path) 
         assert sorted(acked) == list(range(20))
     finally:
         await engine.dispose()
+
+
+async def test_probe_samples_keep_changes_not_every_report(database: AsyncEngine) -> None:
+    """Tried: a modem reporting every 10 s for 10 minutes with its signal wobbling by 1 dB (one
+    batch), then a registration change, then the modem going down (no SIM readable); and a
+    sample 31 days old. Kept: the first report, a signal change once per ``SAMPLE_EVERY``, every
+    registration or connection change (each also a ``registration`` event on the probe); the old
+    sample is pruned, another probe's is not."""
+    from controller.ingest import SAMPLE_EVERY, SAMPLES_KEPT, Ingest
+
+    imsi, other = "234150000000001", "234150000000009"
+    t0 = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
+    old = t0 - SAMPLES_KEPT - timedelta(days=1)
+    async with database.begin() as conn:
+        for who in (imsi, other):
+            await conn.execute(
+                s.probe_samples.insert().values(imsi=who, at=old, signal_dbm=-99, connected=True)
+            )
+    ingest = Ingest(database, T, batch_max=1_000)
+
+    def report(at: datetime, signal: int | None, registration: str | None, sim: str | None = imsi) -> Any:
+        state = ModemState(
+            agent="pi-1",
+            modem="m1",
+            port="/dev/gsm/x",
+            connected=True,
+            imsi=sim,
+            mcc_mnc="23415",
+            registration=registration,
+            signal_dbm=signal,
+        )
+        return ingest.handle(T.modem_state("pi-1", "m1"), state.to_json(), at, lambda: None)
+
+    for i in range(60):  # every 10 s: -70, -71, -70, ...
+        await report(t0 + timedelta(seconds=10 * i), -70 - i % 2, "registered_home")
+    await ingest.flush()
+    changed = t0 + timedelta(minutes=11)
+    await report(changed, -71, "searching")
+    await ingest.flush()
+    await report(changed + timedelta(seconds=5), None, None, sim=None)
+    await ingest.flush()
+
+    async with database.connect() as conn:
+        p = s.probe_samples.c
+        samples = (await conn.execute(select(p.imsi, p.at, p.signal_dbm, p.registration, p.connected))).all()
+        events = (
+            await conn.execute(
+                select(s.probe_events.c.kind, s.probe_events.c.detail).order_by(s.probe_events.c.id)
+            )
+        ).all()
+    mine = sorted((r.at, r.signal_dbm, r.registration, r.connected) for r in samples if r.imsi == imsi)
+    assert [r.at for r in samples if r.imsi == other] == [old], "another probe's samples are its own"
+    every = SAMPLE_EVERY.total_seconds()
+    # 60 reports in 590 s: the first, and one signal change SAMPLE_EVERY later (at 310 s)
+    assert [(at - t0).total_seconds() for at, *_ in mine] == [0, every + 10, 660, 665]
+    assert [(signal, registration, up) for _, signal, registration, up in mine] == [
+        (-70, "registered_home", True),
+        (-71, "registered_home", True),
+        (-71, "searching", True),
+        (None, "searching", False),
+    ]
+    assert [(e.kind, e.detail) for e in events] == [
+        ("registration", {"registration": {"from": "registered_home", "to": "searching"}}),
+        ("registration", {"connected": {"from": True, "to": False}}),
+    ]

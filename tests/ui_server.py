@@ -79,6 +79,28 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None
     raise AssertionError(f"the controller did not become healthy: {log.read_text()[-3000:]}")
 
 
+#: Sections of the demo's controller.toml kept, so the served controller scores (and rebuilds
+#: the routing table from) the demo's results the way the demo did.
+DEMO_SECTIONS = ("correlation", "scoring", "scoring.weights", "routing")
+
+
+def _scoring_sections(demo_config: Path) -> str:
+    """The demo's scoring and routing settings, without the window and staleness limits, so its
+    results stay scored however long ago the demo ran."""
+    kept: list[str] = []
+    section = ""
+    for line in demo_config.read_text().splitlines():
+        if line.startswith("["):
+            section = line.strip("[] ")
+            if section in DEMO_SECTIONS:
+                kept.append(line)
+                if section == "scoring":
+                    kept.append("window_s = 315360000")
+        elif section in DEMO_SECTIONS and not line.startswith(("window_s", "stale_after_s")):
+            kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
 def start_ui_server(demo: DemoRun, workdir: Path) -> UiServer:
     """A controller on a copy of ``demo``'s database, with its own broker, and three users."""
     require_mosquitto()
@@ -96,6 +118,7 @@ def start_ui_server(demo: DemoRun, workdir: Path) -> UiServer:
         "[sender]\nenabled = false\n"
         f'[api]\nhost = "127.0.0.1"\nport = {port}\n'
         "[ui]\nlive_poll_interval_s = 0.5\nlogin_max_failures = 3\nlogin_window_s = 60\n"
+        + _scoring_sections(demo.workdir / "controller.toml")
     )
     for name, (role, password) in USERS.items():
         _cli(config, "user", "add", name, "--role", role, "--password-stdin", stdin=password + "\n")

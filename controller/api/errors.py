@@ -82,7 +82,8 @@ def _field(loc: Sequence[int | str], prefix: str | None) -> str | None:
     return ".".join(parts) or None
 
 
-def _message(error: ErrorDetails) -> str:
+def error_text(error: ErrorDetails) -> str:
+    """One pydantic error in words (without pydantic's prefix on our validators' messages)."""
     if error["type"] == "extra_forbidden":
         return "unknown field"
     text = error["msg"]
@@ -98,7 +99,7 @@ def from_validation(exc: ValidationError, *, prefix: str | None = None, what: st
     (``definition`` for a campaign's definition), ``what`` names the whole when the error is
     about it rather than a field (a body that is not a JSON object)."""
     problems = [
-        Problem(field=_field(error["loc"], prefix) or prefix or what, error=_message(error))
+        Problem(field=_field(error["loc"], prefix) or prefix or what, error=error_text(error))
         for error in exc.errors(include_url=False, include_input=False)
     ]
     first = problems[0]

@@ -125,6 +125,21 @@ probe_events = Table(
     Column("detail", JSON),
 )
 
+#: The modem's signal, registration and connection over time, for the probe page's signal history.
+#: Written by ingest when one of them changed (a signal change at most every few minutes per
+#: probe), so a chatty modem cannot grow it without bound; rows past a month are pruned.
+probe_samples = Table(
+    "probe_samples",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("imsi", String(16), nullable=False),
+    _ts("at", nullable=False),
+    Column("signal_dbm", Integer),
+    Column("registration", String(32)),
+    Column("connected", Boolean, nullable=False),
+)
+Index("ix_probe_samples_imsi_at", probe_samples.c.imsi, probe_samples.c.at)
+
 routes = Table(
     "routes",
     metadata,
@@ -422,6 +437,7 @@ __all__ = [
     "networks",
     "observations",
     "probe_events",
+    "probe_samples",
     "probes",
     "receipts",
     "results",

@@ -11,12 +11,23 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from controller.config import ControllerConfig
-from controller.web import fleet, live, login, render
+from controller.web import (
+    campaigns,
+    fleet,
+    live,
+    login,
+    messages,
+    probe_detail,
+    render,
+    route_detail,
+    routing_table,
+    scoreboard,
+)
 from controller.web.guard import SESSIONS, THROTTLE, LoginThrottle
 from controller.web.sessions import Session, find_session
 from controller.web.state import UI_API_CONFIG, UI_CONFIG, UI_ENGINE
 
-PAGES = (login, fleet, live)
+PAGES = (login, fleet, live, routing_table, probe_detail, scoreboard, route_detail, campaigns, messages)
 
 
 def setup_ui(app: web.Application, engine: AsyncEngine, config: ControllerConfig) -> None:
