@@ -16,7 +16,6 @@ networks).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -36,7 +35,7 @@ from controller.storage import schema as s
 from controller.web import campaign_form
 from controller.web.campaign_form import CampaignForm
 from controller.web.guard import require
-from controller.web.render import page
+from controller.web.render import page, page_of
 from controller.web.state import UI_CONFIG, UI_ENGINE
 
 log = logging.getLogger(__name__)
@@ -197,13 +196,6 @@ def _campaign_id(request: web.Request) -> int:
     return int(text)
 
 
-def _page_number(request: web.Request, pages: int) -> int:
-    try:
-        return min(max(1, int(request.query.get("page", "1"))), pages)
-    except ValueError:
-        raise web.HTTPBadRequest(text="page: a whole number") from None
-
-
 def _back(value: object, default: str) -> str:
     """Where a pause or resume returns to: a campaign page of this site, else ``default``."""
     if isinstance(value, str) and value.startswith("/campaigns") and "//" not in value and "\\" not in value:
@@ -227,8 +219,7 @@ async def campaign_list(request: web.Request) -> web.Response:
         statement = statement.where(s.campaigns.c.paused == (state == "paused"))
     async with engine.connect() as conn:
         total = int(await conn.scalar(select(func.count()).select_from(statement.subquery())) or 0)
-        pages = max(1, math.ceil(total / size))
-        number = _page_number(request, pages)
+        number, pages = page_of(request, total, size)
         rows = (
             await conn.execute(statement.order_by(s.campaigns.c.id).limit(size).offset((number - 1) * size))
         ).all()

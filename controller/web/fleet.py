@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from controller.storage import schema as s
 from controller.web.guard import require
-from controller.web.render import page
+from controller.web.render import page, page_of
 from controller.web.state import UI_CONFIG, UI_ENGINE
 
 #: Registrations that mean the modem can receive SMS.
@@ -134,11 +134,7 @@ async def fleet(request: web.Request) -> web.Response:
     only_problems = request.query.get("problems") == "1"
     shown = [v for v in views if (not country or v.country == country) and (not only_problems or v.problems)]
     shown.sort(key=lambda v: (-v.severity, v.country, v.operator, v.id))
-    pages = max(1, -(-len(shown) // size))
-    try:
-        number = min(max(1, int(request.query.get("page", "1"))), pages)
-    except ValueError:
-        raise web.HTTPBadRequest(text="page: a whole number") from None
+    number, pages = page_of(request, len(shown), size)
     shown = shown[(number - 1) * size : number * size]
     for view in shown:
         view.group = "Needs attention" if view.problems else f"{view.country} · {view.operator}"

@@ -14,7 +14,6 @@ network). Everything the sender stored (the text, the decision's words) is shown
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,7 @@ from controller.api.inputs import MAX_ID
 from controller.sender import messages as journal
 from controller.storage import schema as s
 from controller.web.guard import require
-from controller.web.render import page
+from controller.web.render import page, page_of
 from controller.web.state import UI_CONFIG, UI_ENGINE
 
 #: The states of a message (``controller.storage.schema.MESSAGE_STATUS_COMMENT``), and how each looks.
@@ -79,13 +78,6 @@ def parse_search(text: str) -> Search:
     return Search(text=text, e164=e164, message_id=message_id)
 
 
-def _page_number(request: web.Request, pages: int) -> int:
-    try:
-        return min(max(1, int(request.query.get("page", "1"))), pages)
-    except ValueError:
-        raise web.HTTPBadRequest(text="page: a whole number") from None
-
-
 #: The list's columns: all but the text and the part ids, which the message page shows.
 _LIST_COLUMNS = (
     s.messages.c.id,
@@ -126,8 +118,7 @@ async def message_list(request: web.Request) -> web.Response:
         statement = statement.where(m.kind == kind)
     async with request.app[UI_ENGINE].connect() as conn:
         total = int(await conn.scalar(select(func.count()).select_from(statement.subquery())) or 0)
-        pages = max(1, math.ceil(total / size))
-        number = _page_number(request, pages)
+        number, pages = page_of(request, total, size)
         rows = (
             await conn.execute(statement.order_by(m.id.desc()).limit(size).offset((number - 1) * size))
         ).all()

@@ -24,8 +24,7 @@ from controller.storage import schema as s
 from controller.web import charts
 from controller.web.fleet import REGISTERED
 from controller.web.guard import require
-from controller.web.render import page
-from controller.web.routing_table import page_of
+from controller.web.render import page, page_of
 from controller.web.state import UI_CONFIG, UI_ENGINE
 
 IMSI = re.compile(r"^[0-9]{1,16}$")

@@ -77,6 +77,16 @@ def _query_with(request: web.Request, **changes: object) -> str:
     return urlencode(list(query.items()))
 
 
+def page_of(request: web.Request, total: int, size: int) -> tuple[int, int]:
+    """The page asked for in ``?page=`` (clamped to the pages there are) and the page count."""
+    pages = max(1, -(-total // size))
+    try:
+        number = int(request.query.get("page", "1"))
+    except ValueError:
+        raise web.HTTPBadRequest(text="page: a whole number") from None
+    return min(max(1, number), pages), pages
+
+
 def setup(app: web.Application) -> None:
     """The Jinja environment on ``app``."""
     env = aiohttp_jinja2.setup(

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from controller import routing
 from controller.storage import schema as s
 from controller.web.guard import require
-from controller.web.render import page
+from controller.web.render import page, page_of
 from controller.web.state import UI_CONFIG, UI_ENGINE
 from probe_agent.protocol import RouteChoice, RoutingTable
 
@@ -36,16 +36,6 @@ DOWNLOADS = {
     "csv": ("text/csv", routing.table_csv),
     "json": ("application/json", routing.table_json),
 }
-
-
-def page_of(request: web.Request, total: int, size: int) -> tuple[int, int]:
-    """The page asked for in ``?page=`` (clamped to the pages there are) and the page count."""
-    pages = max(1, -(-total // size))
-    try:
-        number = int(request.query.get("page", "1"))
-    except ValueError:
-        raise web.HTTPBadRequest(text="page: a whole number") from None
-    return min(max(1, number), pages), pages
 
 
 def _version_param(request: web.Request, name: str) -> int | None:

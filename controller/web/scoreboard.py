@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from controller.storage import schema as s
 from controller.web.guard import require
-from controller.web.render import ms, page, pct
+from controller.web.render import ms, page, page_of, pct
 from controller.web.state import UI_ENGINE
 
 #: Cells per page the network paging aims at (some 700 KB of HTML), and the bounds on the
@@ -189,13 +189,6 @@ def networks_per_page(routes: int) -> int:
     return min(MAX_NETWORKS_PER_PAGE, max(MIN_NETWORKS_PER_PAGE, CELLS_PER_PAGE // max(routes, 1)))
 
 
-def _page_number(request: web.Request, pages: int) -> int:
-    try:
-        return min(max(1, int(request.query.get("page", "1"))), pages)
-    except ValueError:
-        raise web.HTTPBadRequest(text="page: a whole number") from None
-
-
 async def scoreboard(request: web.Request) -> web.Response:
     """GET /routes: the scoreboard. ``?country=GB`` one country's networks, ``?page=N`` the page."""
     require(request, "viewer")
@@ -210,8 +203,7 @@ async def scoreboard(request: web.Request) -> web.Response:
         countries = sorted({net.country for net in networks if net.country})
         shown = [net for net in networks if not country or net.country == country]
         size = networks_per_page(len(routes))
-        pages = max(1, -(-len(shown) // size))
-        number = _page_number(request, pages)
+        number, pages = page_of(request, len(shown), size)
         shown = shown[(number - 1) * size : number * size]
         cells: dict[tuple[str, str], CellView] = {}
         computed_at = None
