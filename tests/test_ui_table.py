@@ -42,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from controller.api.app import make_app
 from controller.config import ControllerConfig
+from controller.ingest import SAMPLE_EVERY
 from controller.storage import schema as s
 from controller.storage.db import open_database
 from controller.web.users import add_user
@@ -336,6 +337,10 @@ def test_signal_and_registration_changes_show_after_a_reload(page: Any, server: 
     page.goto(f"{server.url}/probes/{imsi}")
     assert page.locator('circle[data-dbm="-97"]').count() == 0
     base = ModemState.model_validate_json(state)
+    # The demo sampled this probe minutes ago, and a change of signal alone is kept at most every
+    # SAMPLE_EVERY: let that much time pass for its samples so far.
+    age = f"-{int(SAMPLE_EVERY.total_seconds()) + 60} seconds"
+    query(server, "UPDATE probe_samples SET at = datetime(at, ?) WHERE imsi = ?", age, imsi)
     for changes in ({"signal_dbm": -97, "signal_rssi": 8}, {"signal_dbm": -97, "registration": "searching"}):
         published = base.model_copy(update={**changes, "updated_at": datetime.now(UTC)})
         before = query(server, "SELECT count(*) FROM probe_samples WHERE imsi = ?", imsi)[0][0]
