@@ -288,7 +288,8 @@ async def test_a_failed_write_is_retried_through_the_broker(
     await controller()
     path = engine.url.database
     assert path is not None
-    blocker = sqlite3.connect(path, isolation_level=None)
+    # the controller itself writes now and then (lease renewals, rounds): wait for its lock
+    blocker = sqlite3.connect(path, isolation_level=None, timeout=30)
     blocker.execute("BEGIN EXCLUSIVE")
     pub = connected_client(mosquitto)
     for i in range(20):
