@@ -645,7 +645,7 @@ def build_columns(
     )
 
 
-def _unix_s(column: ColumnElement[datetime], dialect: str) -> ColumnElement[float]:
+def unix_s(column: ColumnElement[datetime], dialect: str) -> ColumnElement[float]:
     """The time in ``column`` as Unix seconds, computed by the database: reading a million
     datetimes through the driver and the column type costs several times the whole score."""
     if dialect == "sqlite":  # UTCDateTime stores UTC text there, which julianday reads
@@ -670,7 +670,7 @@ async def load_columns(conn: AsyncConnection, since: datetime, now: datetime) ->
     r = schema.results.c
     result_rows = (
         await conn.execute(
-            select(_unix_s(r.decided_at, dialect), *(_raw(r[name]) for name in RESULT_COLUMNS)).where(
+            select(unix_s(r.decided_at, dialect), *(_raw(r[name]) for name in RESULT_COLUMNS)).where(
                 r.decided_at >= since, r.decided_at <= now
             )
         )
@@ -678,7 +678,7 @@ async def load_columns(conn: AsyncConnection, since: datetime, now: datetime) ->
     c = schema.conversions.c
     conversion_rows = (
         await conn.execute(
-            select(c.route, c.mcc_mnc, _unix_s(c.at, dialect), c.converted).where(c.at >= since, c.at <= now)
+            select(c.route, c.mcc_mnc, unix_s(c.at, dialect), c.converted).where(c.at >= since, c.at <= now)
         )
     ).all()
     price_rows = await conn.execute(select(schema.routes.c.name, schema.routes.c.prices))

@@ -10,7 +10,6 @@ CSRF token (refused), keyboard-only use, labelled form fields and readable contr
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,41 +17,23 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from probe_agent.protocol import AgentStatus, Topics
-from tests.demo_run import DEMO_TIMEOUT_S, DemoRun, demo_run
+from tests.demo_run import DEMO_TIMEOUT_S, demo_run
 from tests.ui_server import (
     USERS,
     UiServer,
     browser,
     check_accessible,
     log_in,
+    page,
     screenshot,
-    start_ui_server,
-    stop_ui_server,
+    server,
 )
 
-__all__ = ["browser", "demo_run"]
+__all__ = ["browser", "demo_run", "page", "server"]
 
 pytestmark = pytest.mark.timeout(DEMO_TIMEOUT_S)
 
 AGENTS = ("pi-gb-1", "pi-gb-2", "pi-fr-1", "pi-de-1")
-
-
-@pytest.fixture(scope="module")
-def server(demo_run: DemoRun, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UiServer]:
-    server = start_ui_server(demo_run, tmp_path_factory.mktemp("ui"))
-    yield server
-    stop_ui_server(server)
-
-
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def test_login_then_the_fleet_shows_every_agent_with_its_modems(page: Any, server: UiServer) -> None:

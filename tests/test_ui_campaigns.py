@@ -19,7 +19,6 @@ import json
 import re
 import sqlite3
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,18 +27,19 @@ from multidict import MultiDict
 
 from controller.web import campaign_form
 from controller.web.messages import parse_search
-from tests.demo_run import DEMO_TIMEOUT_S, DemoRun, demo_run
+from tests.demo_run import DEMO_TIMEOUT_S, demo_run
 from tests.ui_server import (
     UiServer,
     browser,
     check_accessible,
+    csrf_token,
     log_in,
+    page,
     screenshot,
-    start_ui_server,
-    stop_ui_server,
+    server,
 )
 
-__all__ = ["browser", "demo_run"]
+__all__ = ["browser", "demo_run", "page", "server"]
 
 pytestmark = pytest.mark.timeout(DEMO_TIMEOUT_S)
 
@@ -57,24 +57,6 @@ VALID = {
     "daily_budget_per_network": None,
     "deadline_s": None,
 }
-
-
-@pytest.fixture(scope="module")
-def server(demo_run: DemoRun, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UiServer]:
-    server = start_ui_server(demo_run, tmp_path_factory.mktemp("ui-campaigns"))
-    yield server
-    stop_ui_server(server)
-
-
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def _db(server: UiServer) -> sqlite3.Connection:
@@ -103,12 +85,6 @@ def _campaign(server: UiServer, name: str) -> sqlite3.Row | None:
     with _db(server) as conn:
         row: sqlite3.Row | None = conn.execute("SELECT * FROM campaigns WHERE name = ?", (name,)).fetchone()
         return row
-
-
-def _csrf(page: Any) -> str:
-    token = page.locator("body").get_attribute("data-csrf")
-    assert token
-    return str(token)
 
 
 def _field_error(page: Any, control: Any) -> str:
@@ -435,7 +411,7 @@ def test_a_viewer_cannot_change_a_campaign(page: Any, server: UiServer) -> None:
         assert page.goto(f"{server.url}{path}").status == 403, path
 
     page.goto(f"{server.url}/campaigns")
-    token = _csrf(page)  # the viewer's own, valid token: the role refuses, not the CSRF check
+    token = csrf_token(page)  # the viewer's own, valid token: the role refuses, not the CSRF check
     forged = {
         "csrf_token": token,
         "name": "viewer's",
@@ -468,7 +444,7 @@ def test_delete_asks_first_and_keeps_a_campaign_with_test_cases(page: Any, serve
     assert "cannot be deleted" in page.locator("main").inner_text()
     assert page.get_by_role("button", name=re.compile("^Delete")).count() == 0
     refused = page.request.post(
-        f"{server.url}/campaigns/{demo['id']}/delete", form={"csrf_token": _csrf(page)}
+        f"{server.url}/campaigns/{demo['id']}/delete", form={"csrf_token": csrf_token(page)}
     )
     assert refused.status == 409 and "pause it instead" in refused.text()
     assert _campaign(server, "demo") is not None

@@ -16,6 +16,7 @@ same when the data grows (no query per row).
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 import uuid
@@ -42,18 +43,18 @@ from controller.web.sessions import COOKIE, start_session
 from controller.web.users import add_user
 from probe_agent.protocol import ClockState, Observation, SimIdentity, Topics
 from tests.db import database, database_url
-from tests.demo_run import DEMO_TIMEOUT_S, DemoRun, demo_run
+from tests.demo_run import DEMO_TIMEOUT_S, demo_run
 from tests.ui_server import (
     UiServer,
     browser,
     check_accessible,
     log_in,
+    page,
     screenshot,
-    start_ui_server,
-    stop_ui_server,
+    server,
 )
 
-__all__ = ["browser", "database", "database_url", "demo_run"]
+__all__ = ["browser", "database", "database_url", "demo_run", "page", "server"]
 
 pytestmark = pytest.mark.timeout(DEMO_TIMEOUT_S)
 
@@ -264,29 +265,11 @@ async def test_both_pages_run_on_both_databases_with_as_many_queries_whatever_th
 
 
 @pytest.fixture(scope="module")
-def server(demo_run: DemoRun, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UiServer]:
-    server = start_ui_server(demo_run, tmp_path_factory.mktemp("ui-routes"))
-    yield server
-    stop_ui_server(server)
-
-
-@pytest.fixture(scope="module")
 def db(server: UiServer) -> Iterator[Engine]:
     """The served database, for reading what the page should show and writing into it."""
     engine = create_engine(f"sqlite:///{server.database}", connect_args={"timeout": 30})
     yield engine
     engine.dispose()
-
-
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def _scores(db: Engine) -> tuple[datetime | None, list[Any]]:
@@ -544,3 +527,27 @@ def test_a_received_text_with_html_in_it_is_shown_as_text(page: Any, server: UiS
     assert "content_altered" in row.inner_text() and "known" in row.inner_text()
     screenshot(page, "route-detail-xss")
     check_accessible(page)
+
+
+def test_a_result_opens_its_test_page_with_everything_that_came_of_it(
+    page: Any, server: UiServer, db: Engine
+) -> None:
+    case_id = _deliver(server, db, XSS + " {sent}")
+    result = _wait_result(db, case_id)
+    log_in(page, server, "viewer")
+    page.goto(f"{server.url}/routes/direct?network=23410")
+    page.get_by_role("link", name=re.compile(rf"^Test {case_id},")).click()
+    page.wait_for_url(f"{server.url}/tests/{case_id}")
+    assert page.locator("h1").inner_text().startswith(f"Test {case_id}")
+    assert "delivered" in page.locator("h1").inner_text()
+    received = page.locator("td[data-received]")
+    assert XSS in received.inner_text() and received.locator("ins").count() >= 1
+    assert received.locator("script, b").count() == 0 and page.evaluate("window.__xss") is None
+    facts = page.locator("main").inner_text()
+    assert "altered" in facts and "the network's own" in facts and f"{AGENT} / {MODEM}" in facts
+    assert "no receipt; arrived" in facts and "content_altered" in facts
+    assert result.sender_kept and "PFDemo → PFDemo kept" in facts
+    assert page.get_by_role("link", name=PROBE["msisdn"]).get_attribute("href") == f"/probes/{PROBE['imsi']}"
+    screenshot(page, "test-case")
+    check_accessible(page)
+    assert page.goto(f"{server.url}/tests/999999999").status == 404

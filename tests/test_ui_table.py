@@ -28,7 +28,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -57,41 +56,23 @@ from probe_agent.protocol import (
     Topics,
 )
 from tests.db import postgres_database
-from tests.demo_run import DEMO_TIMEOUT_S, DemoRun, demo_run
+from tests.demo_run import DEMO_TIMEOUT_S, demo_run
 from tests.ui_server import (
     UiServer,
     browser,
     check_accessible,
     log_in,
+    page,
     screenshot,
-    start_ui_server,
-    stop_ui_server,
+    server,
 )
 
-__all__ = ["browser", "demo_run"]
+__all__ = ["browser", "demo_run", "page", "server"]
 
 pytestmark = pytest.mark.timeout(DEMO_TIMEOUT_S)
 
 NETWORKS = ("20801", "20810", "23410", "23415", "23420", "26201", "26202", "26203")
 XSS = '<script>window.__xss=1</script><img src=x onerror="window.__xss=2">'
-
-
-@pytest.fixture(scope="module")
-def server(demo_run: DemoRun, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UiServer]:
-    server = start_ui_server(demo_run, tmp_path_factory.mktemp("ui-table"))
-    yield server
-    stop_ui_server(server)
-
-
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def query(server: UiServer, sql: str, *args: Any) -> list[Any]:

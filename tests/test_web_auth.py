@@ -189,7 +189,11 @@ def test_cli_user_add_list_and_set(tmp_path: Path) -> None:
     assert weak.returncode == 1 and "at least 10" in weak.stderr
     no_tty = cli("add", "quiet", "--role", "viewer")
     assert no_tty.returncode == 1 and "--password-stdin" in no_tty.stderr
+    last = cli("set", "root-admin", "--role", "operator")  # nobody would be left to manage users
+    assert last.returncode == 1 and "last enabled admin" in last.stderr
+    assert cli("set", "root-admin", "--disable").returncode == 1
+    assert cli("add", "second", "--role", "admin", "--password-stdin", stdin=PASSWORD + "\n").returncode == 0
     assert cli("set", "root-admin", "--role", "operator").returncode == 0
     listing = cli("list")
-    assert listing.returncode == 0 and listing.stdout.startswith("root-admin\toperator\tenabled")
+    assert listing.returncode == 0 and "root-admin\toperator\tenabled" in listing.stdout
     assert PASSWORD not in listing.stdout

@@ -167,6 +167,29 @@ def browser() -> Iterator[Any]:
         chromium.close()
 
 
+@pytest.fixture(scope="module")
+def server(
+    demo_run: DemoRun, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[UiServer]:
+    """A real controller for the test module (see :func:`start_ui_server`)."""
+    server = start_ui_server(demo_run, tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]))
+    yield server
+    stop_ui_server(server)
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    """A fresh browser context and page per test (no cookies carried over); a JavaScript error on
+    the page fails the test."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
 def screenshot(page: Any, name: str) -> Path:
     """Save the whole page as ``build/screenshots/<name>.png``."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -175,13 +198,20 @@ def screenshot(page: Any, name: str) -> Path:
     return path
 
 
-def log_in(page: Any, server: UiServer, name: str) -> None:
-    """Log in as one of ``USERS`` through the login form."""
+def log_in(page: Any, server: UiServer, name: str, password: str | None = None) -> None:
+    """Log in through the login form as one of ``USERS``, or as any user with ``password``."""
     page.goto(f"{server.url}/login")
     page.get_by_label("User name").fill(name)
-    page.get_by_label("Password").fill(USERS[name][1])
+    page.get_by_label("Password").fill(password if password is not None else USERS[name][1])
     page.get_by_role("button", name="Log in").click()
     page.wait_for_url(f"{server.url}/")
+
+
+def csrf_token(page: Any) -> str:
+    """The session's CSRF token, as the page carries it (``<body data-csrf>``)."""
+    token = page.locator("body").get_attribute("data-csrf")
+    assert token
+    return str(token)
 
 
 #: Form fields (not hidden) without a <label for>, an enclosing label, aria-label or aria-labelledby.

@@ -198,26 +198,25 @@ async def _observation(
     return ObservationOut.from_row(row) if row else None
 
 
-async def get_test_case(call: Call) -> TestCaseDetail:
-    """One test case with its result, the observation that delivered it and its receipts."""
-    case_id = path_id(call.request, "id", "test case")
-    async with call.engine.connect() as conn:
-        case = (await conn.execute(select(s.test_cases).where(s.test_cases.c.id == case_id))).first()
-        if case is None:
-            raise not_found(f"no test case {case_id}", "id")
-        result = (await conn.execute(select(s.results).where(s.results.c.test_case_id == case_id))).first()
-        observation = await _observation(conn, case_id, result.observation_id if result else None)
-        receipts = []
-        if case.message_id is not None:
-            r = s.receipts.c
-            receipts = [
-                ReceiptOut.from_row(row)
-                for row in await conn.execute(
-                    select(s.receipts)
-                    .where(r.route == case.route, r.message_id == case.message_id)
-                    .order_by(r.received_at, r.id)
-                )
-            ]
+async def test_case_detail(conn: AsyncConnection, case_id: int) -> TestCaseDetail | None:
+    """One test case with its result, the observation that delivered it and its receipts (the
+    API's answer and the UI's test page); None when there is no such test case."""
+    case = (await conn.execute(select(s.test_cases).where(s.test_cases.c.id == case_id))).first()
+    if case is None:
+        return None
+    result = (await conn.execute(select(s.results).where(s.results.c.test_case_id == case_id))).first()
+    observation = await _observation(conn, case_id, result.observation_id if result else None)
+    receipts = []
+    if case.message_id is not None:
+        r = s.receipts.c
+        receipts = [
+            ReceiptOut.from_row(row)
+            for row in await conn.execute(
+                select(s.receipts)
+                .where(r.route == case.route, r.message_id == case.message_id)
+                .order_by(r.received_at, r.id)
+            )
+        ]
     return TestCaseDetail.from_row(
         case,
         result=ResultOut.from_row(result) if result else None,
@@ -226,7 +225,18 @@ async def get_test_case(call: Call) -> TestCaseDetail:
     )
 
 
-def _results(query: ResultsQuery) -> Select[Any]:
+async def get_test_case(call: Call) -> TestCaseDetail:
+    """One test case with its result, the observation that delivered it and its receipts."""
+    case_id = path_id(call.request, "id", "test case")
+    async with call.engine.connect() as conn:
+        detail = await test_case_detail(conn, case_id)
+    if detail is None:
+        raise not_found(f"no test case {case_id}", "id")
+    return detail
+
+
+def results_query(query: ResultsQuery) -> Select[Any]:
+    """The results the filters of ``query`` ask for (the API's list and the UI's route page)."""
     r = s.results.c
     statement = where_given(
         select(s.results), (r.route, query.route), (r.mcc_mnc, query.mcc_mnc), (r.delivered, query.delivered)
@@ -245,7 +255,7 @@ async def list_results(call: Call) -> ResultPage:
     """Results, newest test first."""
     query = call.query(ResultsQuery)
     order = Order((s.results.c.test_case_id,), descending=True)
-    return await call.list_page(ResultPage, _results(query), order, query, ResultOut.from_row)
+    return await call.list_page(ResultPage, results_query(query), order, query, ResultOut.from_row)
 
 
 OPERATIONS = (

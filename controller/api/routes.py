@@ -11,9 +11,9 @@ import re
 from typing import Annotated, Any
 
 from pydantic import Field, ValidationError
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import Row, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from controller.api.errors import bad_request, conflict, from_validation, not_found
 from controller.api.inputs import ROUTE_NAME_PATTERN, RouteName, no_nulls, path_text
@@ -157,13 +157,19 @@ async def update_route(call: Call) -> RouteOut:
     )
     if "connector" in changes:
         _check_connector(changes["connector"])
-    async with call.engine.begin() as conn:
-        if changes:
-            await conn.execute(update(s.routes).where(s.routes.c.name == name).values(changes))
-        row = (await conn.execute(select(s.routes).where(s.routes.c.name == name))).first()
+    row = await change_route(call.engine, name, changes)
     if row is None:
         raise not_found(f"no route {name!r}", "name")
     return _out(row)
+
+
+async def change_route(engine: AsyncEngine, name: str, changes: dict[str, Any]) -> Row[Any] | None:
+    """Write checked changes (fields of :class:`RouteUpdate`) to a route; the row as it is now,
+    or None when there is no such route. The API and the web UI both change routes here."""
+    async with engine.begin() as conn:
+        if changes:
+            await conn.execute(update(s.routes).where(s.routes.c.name == name).values(changes))
+        return (await conn.execute(select(s.routes).where(s.routes.c.name == name))).first()
 
 
 async def _campaigns_using(conn: AsyncConnection, name: str) -> list[str]:

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from controller.config import ControllerConfig
 from controller.web import (
+    access,
     campaigns,
     fleet,
     live,
@@ -20,14 +21,29 @@ from controller.web import (
     probe_detail,
     render,
     route_detail,
+    route_edit,
     routing_table,
     scoreboard,
+    test_case,
 )
 from controller.web.guard import SESSIONS, THROTTLE, LoginThrottle
 from controller.web.sessions import Session, find_session
 from controller.web.state import UI_API_CONFIG, UI_CONFIG, UI_ENGINE
 
-PAGES = (login, fleet, live, routing_table, probe_detail, scoreboard, route_detail, campaigns, messages)
+PAGES = (
+    login,
+    fleet,
+    live,
+    routing_table,
+    probe_detail,
+    scoreboard,
+    route_edit,
+    route_detail,
+    campaigns,
+    messages,
+    access,
+    test_case,
+)
 
 
 def setup_ui(app: web.Application, engine: AsyncEngine, config: ControllerConfig) -> None:

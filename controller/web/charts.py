@@ -48,7 +48,7 @@ class Bucket:
     count: int = 0
 
 
-def _f(value: float) -> str:
+def coord(value: float) -> str:
     """A coordinate, short."""
     return f"{value:.1f}"
 
@@ -106,7 +106,7 @@ def time_ticks(start_s: float, end_s: float, ticks: int = TIME_TICKS) -> tuple[l
 
 
 @dataclass(frozen=True)
-class _Frame:
+class Frame:
     """Maps data to drawing coordinates."""
 
     x0: float
@@ -125,11 +125,12 @@ class _Frame:
 
 def _text(x: float, y: float, text: str, anchor: str = "middle", extra: str = "") -> Markup:
     return Markup('<text x="{}" y="{}" text-anchor="{}" font-size="12" fill="{}"{}>{}</text>').format(
-        _f(x), _f(y), anchor, INK, Markup(extra), text
+        coord(x), coord(y), anchor, INK, Markup(extra), text
     )
 
 
-def _svg(chart_id: str, title: str, desc: str, parts: Iterable[Markup]) -> Markup:
+def svg(chart_id: str, title: str, desc: str, parts: Iterable[Markup]) -> Markup:
+    """The chart's ``<svg>``: an accessible name (``title``) and description, then ``parts``."""
     head = Markup(
         '<svg class="chart" id="{id}" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
         'aria-label="{title}" aria-describedby="{id}-desc" xmlns="http://www.w3.org/2000/svg">'
@@ -138,30 +139,32 @@ def _svg(chart_id: str, title: str, desc: str, parts: Iterable[Markup]) -> Marku
     return head + Markup("").join(parts) + Markup("</svg>")
 
 
-def _y_axis(frame: _Frame, ticks: Sequence[float], label: str, fmt: str = "{}") -> list[Markup]:
+def y_axis(frame: Frame, ticks: Sequence[float], label: str, fmt: str = "{}") -> list[Markup]:
+    """The value axis: grid lines at ``ticks``, their numbers, and ``label`` (with its unit)."""
     step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
     parts: list[Markup] = []
     for value in ticks:
         y = frame.y(value)
         parts.append(
             Markup('<line x1="{}" x2="{}" y1="{}" y2="{}" stroke="{}" stroke-width="1"/>').format(
-                LEFT, WIDTH - RIGHT, _f(y), _f(y), GRID
+                LEFT, WIDTH - RIGHT, coord(y), coord(y), GRID
             )
         )
         parts.append(_text(LEFT - 6, y + 4, fmt.format(number(value, step)), "end"))
     middle = (TOP + HEIGHT - BOTTOM) / 2
-    parts.append(_text(16, middle, label, extra=f' transform="rotate(-90 16 {_f(middle)})"'))
+    parts.append(_text(16, middle, label, extra=f' transform="rotate(-90 16 {coord(middle)})"'))
     return parts
 
 
-def _x_axis_frame(frame: _Frame) -> Markup:
+def _x_axis_frame(frame: Frame) -> Markup:
     bottom = HEIGHT - BOTTOM
     return Markup('<line x1="{}" x2="{}" y1="{}" y2="{}" stroke="{}" stroke-width="1"/>').format(
-        LEFT, WIDTH - RIGHT, _f(bottom), _f(bottom), INK
+        LEFT, WIDTH - RIGHT, coord(bottom), coord(bottom), INK
     )
 
 
-def _time_axis(frame: _Frame, label: str = "time (UTC)") -> list[Markup]:
+def time_axis(frame: Frame, label: str = "time (UTC)") -> list[Markup]:
+    """The time axis along the bottom, ticks at round times, labelled in UTC."""
     values, fmt = time_ticks(frame.x0, frame.x1)
     parts = [_x_axis_frame(frame)]
     bottom = HEIGHT - BOTTOM
@@ -169,7 +172,7 @@ def _time_axis(frame: _Frame, label: str = "time (UTC)") -> list[Markup]:
         x = frame.x(t)
         parts.append(
             Markup('<line x1="{}" x2="{}" y1="{}" y2="{}" stroke="{}"/>').format(
-                _f(x), _f(x), _f(bottom), _f(bottom + 5), INK
+                coord(x), coord(x), coord(bottom), coord(bottom + 5), INK
             )
         )
         parts.append(_text(x, bottom + 18, datetime.fromtimestamp(t, UTC).strftime(fmt)))
@@ -177,7 +180,8 @@ def _time_axis(frame: _Frame, label: str = "time (UTC)") -> list[Markup]:
     return parts
 
 
-def _no_data(message: str) -> Markup:
+def no_data(message: str) -> Markup:
+    """``message`` in the middle of an empty chart."""
     return _text((LEFT + WIDTH - RIGHT) / 2, (TOP + HEIGHT - BOTTOM) / 2, message)
 
 
@@ -231,11 +235,11 @@ def latency_band_chart(
     values = [v for b in buckets for v in (b.low, b.high) if v is not None]
     top = max(values) if values else 1000.0
     ticks = value_ticks(min(0.0, *values) if values else 0.0, top)
-    frame = _Frame(start.timestamp(), end.timestamp(), ticks[0], ticks[-1])
-    parts = _y_axis(frame, ticks, "latency (ms)") + _time_axis(frame)
+    frame = Frame(start.timestamp(), end.timestamp(), ticks[0], ticks[-1])
+    parts = y_axis(frame, ticks, "latency (ms)") + time_axis(frame)
     if not values:
-        parts.append(_no_data("no delivered results in this range"))
-        return _svg(chart_id, title, desc, parts)
+        parts.append(no_data("no delivered results in this range"))
+        return svg(chart_id, title, desc, parts)
     parts += _legend((("band", BAND, "p50 to p95"), ("line", LINE, "p50 (median)")))
     for run in _runs(buckets):
         xs = [frame.x(_mid_s(b)) for b in run]
@@ -244,12 +248,12 @@ def latency_band_chart(
         if len(run) == 1:  # a lone bucket: a bar for the band and a dot for the median
             parts.append(
                 Markup('<line x1="{x}" x2="{x}" y1="{a}" y2="{b}" stroke="{c}" stroke-width="8"/>').format(
-                    x=_f(xs[0]), a=_f(lows[0]), b=_f(highs[0]), c=BAND
+                    x=coord(xs[0]), a=coord(lows[0]), b=coord(highs[0]), c=BAND
                 )
             )
         else:
-            outline = [f"{_f(x)},{_f(y)}" for x, y in zip(xs, highs, strict=True)]
-            outline += [f"{_f(x)},{_f(y)}" for x, y in reversed(list(zip(xs, lows, strict=True)))]
+            outline = [f"{coord(x)},{coord(y)}" for x, y in zip(xs, highs, strict=True)]
+            outline += [f"{coord(x)},{coord(y)}" for x, y in reversed(list(zip(xs, lows, strict=True)))]
             parts.append(
                 Markup('<polygon points="{}" fill="{}" stroke="{}" stroke-width="1"/>').format(
                     " ".join(outline), BAND, TAIL
@@ -257,12 +261,12 @@ def latency_band_chart(
             )
             parts.append(
                 Markup('<polyline points="{}" fill="none" stroke="{}" stroke-width="2.5"/>').format(
-                    " ".join(f"{_f(x)},{_f(y)}" for x, y in zip(xs, lows, strict=True)), LINE
+                    " ".join(f"{coord(x)},{coord(y)}" for x, y in zip(xs, lows, strict=True)), LINE
                 )
             )
         for x, y in zip(xs, lows, strict=True):
-            parts.append(Markup('<circle cx="{}" cy="{}" r="3" fill="{}"/>').format(_f(x), _f(y), LINE))
-    return _svg(chart_id, title, desc, parts)
+            parts.append(Markup('<circle cx="{}" cy="{}" r="3" fill="{}"/>').format(coord(x), coord(y), LINE))
+    return svg(chart_id, title, desc, parts)
 
 
 def rate_chart(
@@ -270,34 +274,34 @@ def rate_chart(
 ) -> Markup:
     """A share over time (``low``, 0..1 per bucket) as a line with dots, in % on the y axis."""
     ticks = [0.0, 0.25, 0.5, 0.75, 1.0]
-    frame = _Frame(start.timestamp(), end.timestamp(), 0.0, 1.0)
+    frame = Frame(start.timestamp(), end.timestamp(), 0.0, 1.0)
     parts: list[Markup] = []
     for value in ticks:
         y = frame.y(value)
         parts.append(
             Markup('<line x1="{}" x2="{}" y1="{}" y2="{}" stroke="{}" stroke-width="1"/>').format(
-                LEFT, WIDTH - RIGHT, _f(y), _f(y), GRID
+                LEFT, WIDTH - RIGHT, coord(y), coord(y), GRID
             )
         )
         parts.append(_text(LEFT - 6, y + 4, f"{value * 100:.0f} %", "end"))
     middle = (TOP + HEIGHT - BOTTOM) / 2
-    parts.append(_text(16, middle, "delivered (%)", extra=f' transform="rotate(-90 16 {_f(middle)})"'))
-    parts += _time_axis(frame)
+    parts.append(_text(16, middle, "delivered (%)", extra=f' transform="rotate(-90 16 {coord(middle)})"'))
+    parts += time_axis(frame)
     runs = _runs(buckets)
     if not runs:
-        parts.append(_no_data("no results in this range"))
-        return _svg(chart_id, title, desc, parts)
+        parts.append(no_data("no results in this range"))
+        return svg(chart_id, title, desc, parts)
     for run in runs:
         points = [(frame.x(_mid_s(b)), frame.y(b.low or 0.0)) for b in run]
         if len(points) > 1:
             parts.append(
                 Markup('<polyline points="{}" fill="none" stroke="{}" stroke-width="2.5"/>').format(
-                    " ".join(f"{_f(x)},{_f(y)}" for x, y in points), RATE
+                    " ".join(f"{coord(x)},{coord(y)}" for x, y in points), RATE
                 )
             )
         for x, y in points:
-            parts.append(Markup('<circle cx="{}" cy="{}" r="3" fill="{}"/>').format(_f(x), _f(y), RATE))
-    return _svg(chart_id, title, desc, parts)
+            parts.append(Markup('<circle cx="{}" cy="{}" r="3" fill="{}"/>').format(coord(x), coord(y), RATE))
+    return svg(chart_id, title, desc, parts)
 
 
 def histogram(
@@ -322,14 +326,14 @@ def histogram(
     low, high = (edges[0], edges[-1]) if edges else (0.0, 1.0)
     bar_width = (high - low) / max(len(counts), 1)
     x_high = high + (bar_width if overflow else 0.0)
-    frame = _Frame(low, x_high if x_high > low else low + 1.0, 0.0, ticks[-1])
-    parts = _y_axis(frame, ticks, y_label)
+    frame = Frame(low, x_high if x_high > low else low + 1.0, 0.0, ticks[-1])
+    parts = y_axis(frame, ticks, y_label)
     parts.append(_x_axis_frame(frame))
     bottom = HEIGHT - BOTTOM
     if not any(counts) and not overflow:
-        parts.append(_no_data("no delivered results in this range"))
+        parts.append(no_data("no delivered results in this range"))
         parts.append(_text((LEFT + WIDTH - RIGHT) / 2, HEIGHT - 8, x_label))
-        return _svg(chart_id, title, desc, parts)
+        return svg(chart_id, title, desc, parts)
     bars = [(edges[i], edges[i + 1], count) for i, count in enumerate(counts)]
     if overflow:
         bars.append((high, x_high, overflow))
@@ -338,7 +342,7 @@ def histogram(
             x, y = frame.x(a), frame.y(count)
             parts.append(
                 Markup('<rect x="{}" y="{}" width="{}" height="{}" fill="{}" stroke="#ffffff"/>').format(
-                    _f(x), _f(y), _f(max(frame.x(b) - x, 1.0)), _f(bottom - y), BAR
+                    coord(x), coord(y), coord(max(frame.x(b) - x, 1.0)), coord(bottom - y), BAR
                 )
             )
     tick_values = value_ticks(low, high, 6)
@@ -348,11 +352,11 @@ def histogram(
             x = frame.x(value)
             parts.append(
                 Markup('<line x1="{}" x2="{}" y1="{}" y2="{}" stroke="{}"/>').format(
-                    _f(x), _f(x), _f(bottom), _f(bottom + 5), INK
+                    coord(x), coord(x), coord(bottom), coord(bottom + 5), INK
                 )
             )
             parts.append(_text(x, bottom + 18, number(value, step)))
     if overflow:
         parts.append(_text(frame.x((high + x_high) / 2), bottom + 18, f"> {number(high, step)}"))
     parts.append(_text((LEFT + WIDTH - RIGHT) / 2, HEIGHT - 8, x_label))
-    return _svg(chart_id, title, desc, parts)
+    return svg(chart_id, title, desc, parts)

@@ -83,10 +83,10 @@ def signal_chart(
     low = min([SIGNAL_FLOOR_DBM, *values])
     high = max([SIGNAL_CEILING_DBM, *values])
     ticks = charts.value_ticks(low, high)
-    frame = charts._Frame(start.timestamp(), now.timestamp(), ticks[0], ticks[-1])
-    parts = charts._y_axis(frame, ticks, "signal (dBm)") + charts._time_axis(frame)
+    frame = charts.Frame(start.timestamp(), now.timestamp(), ticks[0], ticks[-1])
+    parts = charts.y_axis(frame, ticks, "signal (dBm)") + charts.time_axis(frame)
     if not values:
-        parts.append(charts._no_data("no signal reported"))
+        parts.append(charts.no_data("no signal reported"))
     line: list[str] = []
     runs: list[list[str]] = []
     for (at, value), (following, _) in zip(points, [*points[1:], (now, None)], strict=True):
@@ -96,7 +96,7 @@ def signal_chart(
             line = []
             continue
         x, x_next, y = frame.x(at.timestamp()), frame.x(following.timestamp()), frame.y(value)
-        line += [f"{charts._f(x)},{charts._f(y)}", f"{charts._f(x_next)},{charts._f(y)}"]
+        line += [f"{charts.coord(x)},{charts.coord(y)}", f"{charts.coord(x_next)},{charts.coord(y)}"]
     if line:
         runs.append(line)
     for run in runs:
@@ -113,7 +113,12 @@ def signal_chart(
             Markup(
                 '<circle cx="{}" cy="{}" r="3" fill="{}" data-dbm="{}"><title>{}: {} dBm</title></circle>'
             ).format(
-                charts._f(frame.x(at.timestamp())), charts._f(frame.y(value)), charts.LINE, value, when, value
+                charts.coord(frame.x(at.timestamp())),
+                charts.coord(frame.y(value)),
+                charts.LINE,
+                value,
+                when,
+                value,
             )
         )
     if values:
@@ -123,7 +128,7 @@ def signal_chart(
         )
     else:
         desc = "No signal was reported in this period."
-    return charts._svg(chart_id, title, desc, parts)
+    return charts.svg(chart_id, title, desc, parts)
 
 
 async def probe_page(request: web.Request) -> web.Response:

@@ -5,6 +5,7 @@ ends with."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -29,6 +30,8 @@ NAV = (
     ("/campaigns", "Campaigns"),
     ("/messages", "Messages"),
 )
+#: More of it for admins: (path, label).
+ADMIN_NAV = (("/users", "Users"), ("/tokens", "API tokens"))
 
 
 def utc(value: datetime | None) -> str:
@@ -87,6 +90,18 @@ def page_of(request: web.Request, total: int, size: int) -> tuple[int, int]:
     return min(max(1, number), pages), pages
 
 
+@dataclass
+class Form:
+    """What was typed into a simple form and the problem with each field, shown beside it by the
+    macros of ``fields.html``."""
+
+    values: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def error(self, name: str) -> str | None:
+        return self.errors.get(name)
+
+
 def setup(app: web.Application) -> None:
     """The Jinja environment on ``app``."""
     env = aiohttp_jinja2.setup(
@@ -98,7 +113,7 @@ def setup(app: web.Application) -> None:
         lstrip_blocks=True,
     )
     env.filters.update(utc=utc, ago=ago, ms=ms, pct=pct)
-    env.globals.update(nav=NAV)
+    env.globals.update(nav=NAV, admin_nav=ADMIN_NAV)
 
 
 def environment(app: web.Application) -> jinja2.Environment:

@@ -31,8 +31,8 @@ from pydantic import ValidationError
 from sqlalchemy import ColumnElement, Integer, cast, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from controller.api.results import ResultsQuery, _results
-from controller.scoring import COMPONENTS, _unix_s
+from controller.api.results import ResultsQuery, results_query
+from controller.scoring import COMPONENTS, unix_s
 from controller.storage import schema as s
 from controller.web import charts
 from controller.web.guard import require
@@ -270,7 +270,7 @@ class ResultView:
     verdict: str
 
 
-def _verdict(row: Any) -> tuple[str, str]:
+def receipt_verdict(row: Any) -> tuple[str, str]:
     """The receipt against the truth, in words, and its CSS word (honest, fake, wrong, none)."""
     truth = "arrived" if row.delivered else "never arrived"
     if row.receipt_status is None:
@@ -290,7 +290,7 @@ def _result_view(row: Any) -> ResultView:
     else:
         sent, received = text_diff(row.text, row.observed_text)
     smsc = "-" if row.smsc is None else {True: "known", False: "foreign", None: "unknown"}[row.smsc_known]
-    receipt, verdict = _verdict(row)
+    receipt, verdict = receipt_verdict(row)
     outcome = ("late" if row.late else "delivered") if row.delivered else "not delivered"
     return ResultView(row, sent, received, outcome, smsc, receipt, verdict)
 
@@ -310,7 +310,7 @@ async def route_detail(request: web.Request) -> web.Response:
     engine = request.app[UI_ENGINE]
     size = request.app[UI_CONFIG].page_size
     c, n, r, t, o = s.scores.c, s.networks.c, s.results.c, s.test_cases.c, s.observations.c
-    in_range = _results(query.results).whereclause
+    in_range = results_query(query.results).whereclause
     assert in_range is not None  # the route is always given
     async with engine.connect() as conn:
         dialect = conn.dialect.name
@@ -340,7 +340,7 @@ async def route_detail(request: web.Request) -> web.Response:
         start = min(first, now) if first is not None else now - timedelta(hours=query.hours)
         step_s = bucket_size_s(max((now - start).total_seconds(), 1.0))
         start = datetime.fromtimestamp(math.floor(start.timestamp() / step_s) * step_s, UTC)
-        decided_s = _unix_s(r.decided_at, dialect)
+        decided_s = unix_s(r.decided_at, dialect)
         # grouped on a subquery's column: PostgreSQL would not see the bucket expression with its
         # bound parameters in SELECT and in GROUP BY as the same
         per_result = (
@@ -401,6 +401,7 @@ async def route_detail(request: web.Request) -> web.Response:
         "route_detail.html",
         name=name,
         enabled=enabled,
+        saved="saved" in request.query,
         network=query.network,
         hours=query.hours,
         hours_choices=[(h, hours_label(h)) for h in sorted({*HOURS_CHOICES, query.hours})],

@@ -15,7 +15,7 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Row, insert, select, update
+from sqlalchemy import Row, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -110,7 +110,8 @@ async def set_user(
     password: str | None = None,
     disabled: bool | None = None,
 ) -> None:
-    """Change a user's role, password or disabled flag; a disabled user's sessions end at once."""
+    """Change a user's role, password or disabled flag; a disabled user's sessions end at once.
+    Refused when it would leave no enabled admin (nobody could manage users from the UI)."""
     values: dict[str, Any] = {}
     if role is not None:
         if role not in ROLES:
@@ -123,10 +124,18 @@ async def set_user(
         values["disabled"] = disabled
     if not values:
         raise UserError("nothing to change: give a role, a password or disable/enable")
+    c = s.users.c
     async with engine.begin() as conn:
-        done = await conn.execute(update(s.users).where(s.users.c.name == name).values(**values))
-        if done.rowcount == 0:
+        row = (await conn.execute(select(c.role, c.disabled).where(c.name == name))).first()
+        if row is None:
             raise UserError(f"no user named {name!r}")
+        if row.role == "admin" and not row.disabled and (values.get("role", "admin") != "admin" or disabled):
+            others = select(func.count()).where(c.role == "admin", ~c.disabled, c.name != name)
+            if not await conn.scalar(others):
+                raise UserError(
+                    f"{name!r} is the last enabled admin: make another admin before demoting or disabling"
+                )
+        await conn.execute(update(s.users).where(c.name == name).values(**values))
         if disabled or password is not None:
             users = select(s.users.c.id).where(s.users.c.name == name).scalar_subquery()
             await conn.execute(s.web_sessions.delete().where(s.web_sessions.c.user_id == users))
