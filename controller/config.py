@@ -302,16 +302,19 @@ class LeaderConfig(Strict):
         30.0,
         gt=0,
         description="How long a lease lasts without renewal, seconds: a leader that died (no clean stop) "
-        "is replaced this long after its last renewal. Lease times come from each instance's own clock "
-        "(keep them NTP-synced): a leader stops leading max_clock_skew_s before its lease runs out by its "
-        "own clock, so an instance whose clock is up to that much ahead cannot take over while it leads.",
+        "is replaced this long after its last renewal. Every instance's heartbeat (table instances) "
+        "lasts as long: the tests an instance that died was submitting are failed, outcome unknown, "
+        "by the leader once its heartbeat is this old (plus max_clock_skew_s). Lease times come from "
+        "each instance's own clock (keep them NTP-synced): a leader stops leading max_clock_skew_s "
+        "before its lease runs out by its own clock, so an instance whose clock is up to that much "
+        "ahead cannot take over while it leads.",
     )
     renew_interval_s: float = Field(
         10.0,
         gt=0,
-        description="How often the leader renews its lease and the others try to take it, seconds; below "
-        "half of ttl_s. A failed renewal steps the leader down at once; a lease released by a clean stop "
-        "is taken over within this interval.",
+        description="How often the leader renews its lease and the others try to take it, and every "
+        "instance renews its heartbeat, seconds; below half of ttl_s. A failed renewal steps the "
+        "leader down at once; a lease released by a clean stop is taken over within this interval.",
     )
     max_clock_skew_s: float = Field(
         1.0,

@@ -23,6 +23,17 @@ Two parts, both on the controller's database:
   moment it stepped down (that round is dropped; the campaign's next comes a cadence later).
   The job store is written only by the leader (``sync_campaigns``).
   Dispatch runs on every instance: its claims keep them apart.
+* **Submits cut short.** A claim names its instance (``test_cases.claimed_by``), and every
+  instance keeps a heartbeat (``controller.instances.Heartbeat``, the service passes one). A test
+  left in ``submitting`` may have gone out: it becomes ``failed``, outcome unknown, its price
+  still counted, but only once the instance that claimed it is gone, never while a live one is
+  submitting it. At start (``_recover_interrupted``) an instance fails the tests of instances
+  without a live heartbeat, those of its own id (a previous life) and those claimed before claims
+  named their instance (NULL, as every ``submitting`` test was failed at start before); on a
+  clean stop it fails its own that did not finish in ``STOP_GRACE_S``; and the leader, in its
+  deadline sweep (``recover_orphaned``), fails those of an instance that died, once its heartbeat
+  has expired (``[leader] ttl_s + max_clock_skew_s`` after its last renewal). An instance whose
+  own heartbeat could not be renewed in time claims nothing until it is renewed again.
 
 Decisions, in short:
 
@@ -70,15 +81,17 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.schedulers.base import STATE_STOPPED, BaseScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from pydantic import ValidationError
-from sqlalchemy import and_, create_engine, event, func, select, update
+from sqlalchemy import and_, case, create_engine, event, func, literal, select, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql.elements import ColumnElement
 
 from controller.campaigns import CampaignDefinition
 from controller.config import ScheduleConfig
 from controller.correlation import Template, new_token, render
-from controller.leader import Leader
+from controller.instances import Heartbeat, gone, prune
+from controller.leader import Leader, instance_id
 from controller.storage import schema as s
 from controller.storage.db import PG_CONNECT_TIMEOUT_S, PG_POOL_RECYCLE_S, SQLITE_PRAGMAS, masked
 from controller.submit import SubmitError, SubmitRequest, Submitted, Submitter
@@ -102,9 +115,11 @@ JITTER_SHARE_OF_GAP = 0.25
 LAST_TESTED_WINDOW = timedelta(days=1)
 #: Budget comparisons tolerate float rounding of summed prices.
 BUDGET_EPSILON = 1e-9
-#: How long ``stop`` lets submits in flight finish before cancelling them (they are then found
-#: in ``submitting`` at the next start and marked failed, outcome unknown).
+#: How long ``stop`` lets submits in flight finish before cancelling them (they are then marked
+#: failed, outcome unknown: by ``stop`` itself, or, if it cannot write that, by whoever finds them).
 STOP_GRACE_S = 5.0
+#: The error of a test whose submit was cut short by a stop (the claim names no instance).
+STOPPED_ERROR = "the controller stopped during the submit: outcome unknown"
 #: Dispatch passes running at once, at most (each waits for its submits).
 MAX_OVERLAPPING_PASSES = 4
 #: Sync drivers for the job store, by the scheme of the controller's database URL.
@@ -485,7 +500,10 @@ class Scheduler:
     synchronous connection to the same database (see ``sync_url``). ``rng`` drives jitter and the
     route order (seed it in tests); tokens always come from the system's secure source. With a
     ``leader`` the rounds run only while this instance leads (see the module docstring); without
-    one this scheduler is the only one and always runs them.
+    one this scheduler is the only one and always runs them. With a ``heartbeat`` (started before
+    ``start``) claims name its instance, dispatch claims only while it is alive, and the recovery
+    at start spares the submits of live instances; without one this scheduler counts as the only
+    dispatcher, and every test left in ``submitting`` is failed at start.
     """
 
     def __init__(
@@ -497,6 +515,7 @@ class Scheduler:
         *,
         rng: random.Random | None = None,
         leader: Leader | None = None,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self._engine = engine
         self._config = config
@@ -516,6 +535,10 @@ class Scheduler:
         self._leader = leader
         #: Whether this scheduler runs the rounds and writes the job store now.
         self._leading = False
+        self._heartbeat = heartbeat
+        #: The instance id written into the claims (``test_cases.claimed_by``).
+        self.instance = heartbeat.instance if heartbeat else leader.holder if leader else instance_id()
+        self._lapsed = False  # dispatch held back: our heartbeat is not fresh (logged once)
 
     # --- lifecycle
 
@@ -607,6 +630,8 @@ class Scheduler:
         if self._leader is not None:
             await self._leader.remove_duty(ROUNDS_DUTY)
         self._leading = False
+        tc = s.test_cases
+        dispatching = self._loop_task is not None
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
@@ -626,6 +651,19 @@ class Scheduler:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*self._passes, return_exceptions=True)
+        if dispatching:
+            # Nothing of ours is in flight any more: what was cut short is failed now, not left
+            # for whoever finds it once our heartbeat is gone.
+            try:
+                await _fail_submitting(
+                    self._engine, tc.c.claimed_by == self.instance, "cut short by its instance's stop"
+                )
+            except Exception as exc:
+                log.warning(
+                    "scheduler: could not mark the submits cut short by the stop as failed (%s): they "
+                    "are recovered once this instance's heartbeat is gone",
+                    exc,
+                )
         log.info("scheduler stopped")
 
     async def _run(self) -> None:
@@ -1037,6 +1075,17 @@ class Scheduler:
         now = _aware(now)
         report = DispatchReport()
         tc, p, a = s.test_cases, s.probes, s.agents
+        if self._heartbeat is not None and not self._heartbeat.alive:
+            # Others may take this instance for gone, and fail its claims: it makes none now.
+            if not self._lapsed:
+                bind(log, instance=self.instance).warning(
+                    "scheduler: instance %s dispatches nothing until its heartbeat is renewed", self.instance
+                )
+            self._lapsed = True
+            return report
+        if self._lapsed:
+            self._lapsed = False
+            bind(log, instance=self.instance).info("scheduler: instance %s dispatches again", self.instance)
         async with self._engine.connect() as conn:  # a cheap look first: no write lock when idle
             due = (
                 (
@@ -1080,7 +1129,7 @@ class Scheduler:
                 values: dict[str, Any] = (
                     {"status": "skipped", "price": 0.0, "error": reason}
                     if reason
-                    else {"status": "submitting", "submitted_at": now}
+                    else {"status": "submitting", "submitted_at": now, "claimed_by": self.instance}
                 )
                 claimed = await conn.execute(
                     update(tc).where(and_(tc.c.id == row.id, tc.c.status == "scheduled")).values(**values)
@@ -1245,19 +1294,78 @@ class Scheduler:
         return True
 
     async def _recover_interrupted(self) -> None:
-        """Tests a stopped controller left in ``submitting`` failed with an unknown outcome (they
-        may have been sent: their price stays counted)."""
+        """At start: fail, outcome unknown, the tests a stopped controller left in ``submitting``
+        (they may have been sent: their price stays counted). With a heartbeat, only those of
+        instances that are gone, of this instance's own id (a previous life) and those whose claim
+        names no instance (written before claims did); without one, all of them."""
         tc = s.test_cases
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
+        now = datetime.now(UTC)
+        where: ColumnElement[bool] | None = None
+        if self._heartbeat is not None:
+            where = (
+                tc.c.claimed_by.is_(None)
+                | (tc.c.claimed_by == self.instance)
+                | gone(tc.c.claimed_by, now, self._heartbeat.max_clock_skew_s)
+            )
+        await _fail_submitting(
+            self._engine, where, f"left in flight, found by instance {self.instance} at its start"
+        )
+
+
+async def recover_orphaned(
+    engine: AsyncEngine, heartbeat: Heartbeat, now: datetime | None = None
+) -> list[int]:
+    """The leader's pass (in its deadline sweep): fail, outcome unknown, the tests in ``submitting``
+    claimed by another instance that is gone (its heartbeat expired more than the allowed clock
+    skew ago, or removed); prune the heartbeats of instances long dead. The ids it failed."""
+    now = _aware(now)
+    tc = s.test_cases
+    where = and_(
+        tc.c.claimed_by != heartbeat.instance, gone(tc.c.claimed_by, now, heartbeat.max_clock_skew_s)
+    )
+    failed = await _fail_submitting(
+        engine, where, f"its instance is gone, found by the leader {heartbeat.instance}"
+    )
+    async with engine.begin() as conn:
+        pruned = await prune(conn, now)
+    if pruned:
+        log.info("pruned the heartbeats of %d controller instances that stopped long ago", pruned)
+    return failed
+
+
+async def _fail_submitting(engine: AsyncEngine, where: ColumnElement[bool] | None, why: str) -> list[int]:
+    """Mark failed, outcome unknown, the tests in ``submitting`` that match ``where`` (all without
+    it), each logged with the instance that claimed it; their ids."""
+    tc = s.test_cases
+    condition = tc.c.status == "submitting" if where is None else and_(tc.c.status == "submitting", where)
+    error = case(
+        (tc.c.claimed_by.is_(None), literal(STOPPED_ERROR)),
+        else_=literal("controller instance ")
+        + tc.c.claimed_by
+        + literal(" stopped during the submit: outcome unknown"),
+    )
+    async with engine.begin() as conn:
+        rows = (
+            await conn.execute(
                 update(tc)
-                .where(tc.c.status == "submitting")
-                .values(status="failed", error="the controller stopped during the submit: outcome unknown")
+                .where(condition)
+                .values(status="failed", error=error)
+                .returning(
+                    tc.c.id, tc.c.campaign_id, tc.c.route, tc.c.imsi, tc.c.claimed_by, tc.c.submitted_at
+                )
             )
-        if result.rowcount:
-            log.warning(
-                "%d tests were being submitted when the controller stopped: marked failed", result.rowcount
-            )
+        ).all()
+    for row in sorted(rows, key=lambda r: r.id):
+        bind(log, route=row.route, test_id=row.id, instance=row.claimed_by).warning(
+            "campaign %s: test to probe %s, claimed for submit at %s by instance %s, failed (%s): "
+            "outcome unknown, its price stays counted",
+            row.campaign_id,
+            row.imsi,
+            row.submitted_at.isoformat() if row.submitted_at else "an unknown time",
+            row.claimed_by or "unknown (claimed before claims named their instance)",
+            why,
+        )
+    return sorted(row.id for row in rows)
 
 
 async def _begin_write(conn: AsyncConnection) -> None:
@@ -1278,6 +1386,7 @@ __all__ = [
     "in_allowed_hours",
     "job_store_engine",
     "probe_problem",
+    "recover_orphaned",
     "run_campaign_round",
     "spread",
     "sync_url",

@@ -8,6 +8,8 @@ runs its sender and loads the newest routing table into it. Only the leader (``c
 runs what must happen once: the campaign rounds, the deadline sweep, the score recompute with the
 routing table's rebuild and publish, and the clock sync with the agents (every instance would
 otherwise send every agent its own time requests and overwrite the others' stored offsets).
+Every instance keeps a heartbeat (``controller.instances``): the leader's deadline sweep fails the
+submits an instance that died left in flight, once its heartbeat has expired.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from controller.api.app import serving
 from controller.clock_sync import ClockSync
 from controller.config import ControllerConfig
 from controller.ingest import Ingest
+from controller.instances import Heartbeat
 from controller.leader import Leader
 from controller.mqtt import ControllerLink
-from controller.schedule import Scheduler
+from controller.schedule import Scheduler, recover_orphaned
 from controller.sender.rules import load_rules
 from controller.sender.sender import Sender
 from controller.storage.db import open_database
@@ -37,14 +40,22 @@ from probe_agent.protocol import RoutingTable, Topics
 log = logging.getLogger(__name__)
 
 
-async def _sweep(ingest: Ingest, interval_s: float) -> None:
-    """Decide overdue test cases every ``interval_s``; a failed sweep is retried next time."""
+async def _sweep(ingest: Ingest, heartbeat: Heartbeat, interval_s: float) -> None:
+    """Decide overdue test cases, and fail the submits of instances that are gone, every
+    ``interval_s``; a failed sweep is retried next time."""
     while True:
         await asyncio.sleep(interval_s)
+        now = datetime.now(UTC)
         try:
-            await ingest.sweep(datetime.now(UTC))
+            await ingest.sweep(now)
         except Exception:
             log.exception("deadline sweep failed; retrying in %.0f s", interval_s)
+        try:
+            await recover_orphaned(ingest.engine, heartbeat, now)
+        except Exception:
+            log.exception(
+                "recovering the submits of stopped instances failed; retrying in %.0f s", interval_s
+            )
 
 
 async def _routing(
@@ -135,6 +146,14 @@ async def serve(config: ControllerConfig, stop: asyncio.Event, submitter: Submit
         renew_interval_s=config.leader.renew_interval_s,
         max_clock_skew_s=config.leader.max_clock_skew_s,
     )
+    # One name for this instance: its lease holder, its heartbeat and its claims of tests.
+    heartbeat = Heartbeat(
+        engine,
+        leader.holder,
+        ttl_s=config.leader.ttl_s,
+        renew_interval_s=config.leader.renew_interval_s,
+        max_clock_skew_s=config.leader.max_clock_skew_s,
+    )
     log.info("controller instance %s", leader.holder)
     tasks: list[asyncio.Task[None]] = []
     async with contextlib.AsyncExitStack() as stack:
@@ -161,15 +180,25 @@ async def serve(config: ControllerConfig, stop: asyncio.Event, submitter: Submit
             log.info("REST API at %s", ", ".join(urls))
         # The singleton work: duties that run only while this instance leads.
         leader.add_duty("clock sync", clock.run)
-        leader.add_duty("deadline sweep", lambda: _sweep(ingest, config.correlation.sweep_interval_s))
+        leader.add_duty(
+            "deadline sweep", lambda: _sweep(ingest, heartbeat, config.correlation.sweep_interval_s)
+        )
         leader.add_duty("routing table", lambda: _routing(engine, config, link, topics, sender))
         stack.push_async_callback(leader.stop)
+        # Before any claim; removed only once the scheduler has stopped (the stack unwinds in reverse).
+        await heartbeat.start()
+        stack.push_async_callback(heartbeat.stop)
         await leader.start()
         if config.schedule.enabled:
             if submitter is None:
                 log.warning("no sender connected: scheduled tests will be refused at submit")
             scheduler = Scheduler(
-                engine, config.schedule, submitter or NoSender(), config.database_url, leader=leader
+                engine,
+                config.schedule,
+                submitter or NoSender(),
+                config.database_url,
+                leader=leader,
+                heartbeat=heartbeat,
             )
             await scheduler.start()
             stack.push_async_callback(scheduler.stop)

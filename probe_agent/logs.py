@@ -29,6 +29,7 @@ CONTEXT_FIELDS: tuple[str, ...] = (
     "transaction",
     "message_id",
     "system_id",
+    "instance",
 )
 
 

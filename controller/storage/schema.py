@@ -188,6 +188,12 @@ test_cases = Table(
     ),
     Column("price", Float, comment="What the route charges for this message, counted against budgets."),
     Column("error", Text, comment="Why the test was skipped or its submit failed."),
+    Column(
+        "claimed_by",
+        String(128),
+        comment="Instance id of the controller that last claimed it for submit (NULL: claimed before "
+        "migration 0008); its in-flight submit is recovered only once that instance is gone.",
+    ),
 )
 Index("ix_test_cases_imsi_submitted", test_cases.c.imsi, test_cases.c.submitted_at)
 Index("ix_test_cases_route_message", test_cases.c.route, test_cases.c.message_id)
@@ -425,6 +431,19 @@ leases = Table(
     _ts("expires_at", nullable=False),
 )
 
+#: One row per running controller instance (``controller.instances``), renewed every
+#: ``[leader] renew_interval_s``: how the others tell whether the instance that claimed a test for
+#: submit is still alive. Deleted on a clean stop; a row that expired is a dead instance (its
+#: in-flight submits are recovered by the leader) and is pruned a day later.
+instances = Table(
+    "instances",
+    metadata,
+    Column("id", String(128), primary_key=True, comment="Instance id: host-pid-random."),
+    _ts("started_at", nullable=False),
+    _ts("renewed_at", nullable=False),
+    _ts("expires_at", nullable=False),
+)
+
 __all__ = [
     "UTCDateTime",
     "agents",
@@ -432,6 +451,7 @@ __all__ = [
     "campaigns",
     "conversions",
     "dead_letters",
+    "instances",
     "leases",
     "metadata",
     "networks",
