@@ -31,9 +31,10 @@ Two parts, both on the controller's database:
   without a live heartbeat, those of its own id (a previous life) and those claimed before claims
   named their instance (NULL, as every ``submitting`` test was failed at start before); on a
   clean stop it fails its own that did not finish in ``STOP_GRACE_S``; and the leader, in its
-  deadline sweep (``recover_orphaned``), fails those of an instance that died, once its heartbeat
-  has expired (``[leader] ttl_s + max_clock_skew_s`` after its last renewal). An instance whose
-  own heartbeat could not be renewed in time claims nothing until it is renewed again.
+  deadline sweep (``controller.recovery.recover_orphaned``), fails those of an instance that
+  died, once its heartbeat has expired (``[leader] ttl_s + max_clock_skew_s`` after its last
+  renewal). An instance whose own heartbeat could not be renewed in time claims nothing until
+  it is renewed again.
 
 Decisions, in short:
 
@@ -59,7 +60,7 @@ Decisions, in short:
   UTC day; a scheduled test with an ``error`` is such a retry. Otherwise it is ``failed``.
 
 APScheduler 3's job store is synchronous: its queries run in a worker thread, never on the
-event loop, and the rounds themselves run as coroutines on the loop.
+event loop, and the rounds themselves run as coroutines on the loop (``controller.job_store``).
 """
 
 from __future__ import annotations
@@ -68,32 +69,29 @@ import asyncio
 import hashlib
 import logging
 import random
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
-from functools import partial
 from typing import Any
 
-from apscheduler.executors.base import BaseExecutor, run_coroutine_job
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.schedulers.base import STATE_STOPPED, BaseScheduler
+from apscheduler.schedulers.base import STATE_STOPPED
 from apscheduler.triggers.interval import IntervalTrigger
 from pydantic import ValidationError
-from sqlalchemy import and_, case, create_engine, event, func, literal, select, update
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql.elements import ColumnElement
 
 from controller.campaigns import CampaignDefinition
 from controller.config import ScheduleConfig
 from controller.correlation import Template, new_token, render
-from controller.instances import Heartbeat, gone, prune
+from controller.instances import Heartbeat, gone
+from controller.job_store import LoopExecutor, OffLoopScheduler, job_store_engine, sync_url
 from controller.leader import Leader, instance_id
+from controller.recovery import fail_submitting
 from controller.storage import schema as s
-from controller.storage.db import PG_CONNECT_TIMEOUT_S, PG_POOL_RECYCLE_S, SQLITE_PRAGMAS, masked
+from controller.storage.db import masked
 from controller.submit import SubmitError, SubmitRequest, Submitted, Submitter
 from probe_agent.logs import bind
 
@@ -118,71 +116,14 @@ BUDGET_EPSILON = 1e-9
 #: How long ``stop`` lets submits in flight finish before cancelling them (they are then marked
 #: failed, outcome unknown: by ``stop`` itself, or, if it cannot write that, by whoever finds them).
 STOP_GRACE_S = 5.0
-#: The error of a test whose submit was cut short by a stop (the claim names no instance).
-STOPPED_ERROR = "the controller stopped during the submit: outcome unknown"
 #: Dispatch passes running at once, at most (each waits for its submits).
 MAX_OVERLAPPING_PASSES = 4
-#: Sync drivers for the job store, by the scheme of the controller's database URL.
-SYNC_DRIVERS = {
-    "sqlite": "sqlite",
-    "sqlite+aiosqlite": "sqlite",
-    "sqlite+pysqlite": "sqlite",
-    "postgres": "postgresql+psycopg",
-    "postgresql": "postgresql+psycopg",
-    "postgresql+asyncpg": "postgresql+psycopg",
-}
 
 #: The running schedulers of this process, by ``Scheduler.key``: how a job finds its scheduler
 #: (with a leader: only while it leads).
 _RUNNING: dict[str, Scheduler] = {}
 #: The name of the rounds' duty with the leader.
 ROUNDS_DUTY = "campaign rounds"
-
-
-def sync_url(url: str) -> str:
-    """The database URL with a synchronous driver, for APScheduler's job store: SQLite keeps
-    pysqlite, PostgreSQL gets psycopg 3; a bare path is a SQLite file."""
-    if "://" not in url:
-        return f"sqlite:///{url}"
-    scheme, _, rest = url.partition("://")
-    driver = SYNC_DRIVERS.get(scheme)
-    return f"{driver}://{rest}" if driver else url
-
-
-def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    try:
-        for pragma in SQLITE_PRAGMAS:
-            cursor.execute(pragma)
-    finally:
-        cursor.close()
-
-
-def job_store_engine(url: str) -> Engine:
-    """A small synchronous engine for the job store, on the controller's database."""
-    target = make_url(sync_url(url))
-    backend = target.get_backend_name()
-    if backend == "sqlite":
-        if target.database in (None, "", ":memory:"):
-            # One in-memory database shared by the scheduler's threads (nothing persists).
-            engine = create_engine(target, poolclass=StaticPool, connect_args={"check_same_thread": False})
-        else:
-            engine = create_engine(target)
-        event.listen(engine, "connect", _set_sqlite_pragmas)
-        return engine
-    if backend == "postgresql":
-        return create_engine(
-            target,
-            pool_size=1,
-            max_overflow=2,
-            pool_pre_ping=True,
-            pool_recycle=PG_POOL_RECYCLE_S,
-            connect_args={
-                "connect_timeout": int(PG_CONNECT_TIMEOUT_S),
-                "application_name": "probe-fleet-scheduler",
-            },
-        )
-    return create_engine(target)
 
 
 async def run_campaign_round(scheduler_key: str, campaign_id: int) -> None:
@@ -350,118 +291,6 @@ def _price(prices: Any, mcc_mnc: str) -> float | None:
     return price if price >= 0 else None
 
 
-# --- APScheduler, with its synchronous job store kept off the event loop ------------------------
-
-
-class _LoopExecutor(BaseExecutor):  # type: ignore[misc]  # APScheduler 3 is untyped
-    """Runs coroutine jobs as tasks on the event loop. Jobs are submitted from the worker thread
-    that reads the job store, so a task is started through ``call_soon_threadsafe``."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__()
-        self._loop = loop
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._closed = False
-        #: Jobs handed over meanwhile are dropped, not started: this instance does not lead.
-        self.paused = False
-
-    def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:
-        coroutine = run_coroutine_job(job, job._jobstore_alias, run_times, self._logger.name)
-        self._loop.call_soon_threadsafe(self._start_task, job.id, coroutine)
-
-    def _start_task(self, job_id: str, coroutine: Coroutine[Any, Any, Any]) -> None:
-        if self._closed or self.paused:
-            coroutine.close()
-            self._run_job_success(job_id, [])
-            return
-        task = self._loop.create_task(coroutine, name=f"schedule-{job_id}")
-        self._tasks.add(task)
-        task.add_done_callback(partial(self._done, job_id))
-
-    def _done(self, job_id: str, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled():
-            self._run_job_success(job_id, [])
-        elif (error := task.exception()) is not None:
-            self._run_job_error(job_id, error, error.__traceback__)
-        else:
-            self._run_job_success(job_id, task.result())
-
-    def shutdown(self, wait: bool = True) -> None:
-        """Start no more jobs (called from any thread); ``aclose`` ends the running ones."""
-        self._closed = True
-
-    async def aclose(self) -> None:
-        """On the loop: cancel the jobs still running and wait until they have ended."""
-        self._closed = True
-        await self.cancel_running()
-
-    async def cancel_running(self) -> None:
-        """Cancel the jobs running now and wait until they have ended (a round rolls back)."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-class _OffLoopScheduler(AsyncIOScheduler):  # type: ignore[misc]  # APScheduler 3 is untyped
-    """An AsyncIOScheduler whose job-store work (``_process_jobs``: due jobs, next run times) runs
-    in a worker thread, so a slow or locked database never stalls the event loop."""
-
-    def __init__(self, **options: Any) -> None:
-        self._processing: asyncio.Future[float | None] | None = None
-        self._again = False
-        super().__init__(**options)
-
-    def wakeup(self) -> None:
-        loop = self._eventloop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._wake)
-
-    def _wake(self) -> None:
-        self._stop_timer()
-        if self.state == STATE_STOPPED:
-            return
-        if self._processing is not None:
-            self._again = True  # woken while processing: look again when that pass ends
-            return
-        self._processing = self._eventloop.run_in_executor(None, self._process_locked)
-        self._processing.add_done_callback(self._processed)
-
-    def _process_locked(self) -> float | None:
-        with self._jobstores_lock:
-            if self.state == STATE_STOPPED:
-                return None
-            wait_s: float | None = self._process_jobs()
-            return wait_s
-
-    def _processed(self, future: asyncio.Future[float | None]) -> None:
-        self._processing = None
-        if future.cancelled() or self.state == STATE_STOPPED:
-            return
-        error = future.exception()
-        if error is not None:
-            log.error("scheduler: reading the job store failed", exc_info=error)
-            wait_s: float | None = self.jobstore_retry_interval
-        else:
-            wait_s = future.result()
-        if self._again:
-            self._again = False
-            self._wake()
-        else:
-            self._start_timer(wait_s)
-
-    def shutdown(self, wait: bool = True) -> None:
-        """Stop processing, executors and job stores; call it off the loop (it may wait for a
-        job-store pass to finish), then ``_stop_timer`` on the loop."""
-        BaseScheduler.shutdown(self, wait)
-
-    async def finished(self) -> None:
-        """Wait for a job-store pass still running in its thread."""
-        if self._processing is not None:
-            await asyncio.gather(self._processing, return_exceptions=True)
-
-
 # --- the scheduler -----------------------------------------------------------------------------
 
 
@@ -524,8 +353,8 @@ class Scheduler:
         self._rng = rng if rng is not None else random.Random()
         #: Names this database in the persisted jobs' arguments (a hash: no host or user in them).
         self.key = hashlib.sha256(masked(sync_url(database_url)).encode()).hexdigest()[:16]
-        self._aps: _OffLoopScheduler | None = None
-        self._executor: _LoopExecutor | None = None
+        self._aps: OffLoopScheduler | None = None
+        self._executor: LoopExecutor | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._passes: set[asyncio.Task[DispatchReport]] = set()
         self._slots = asyncio.Semaphore(config.max_concurrent_submits)
@@ -556,8 +385,8 @@ class Scheduler:
             raise RuntimeError(f"a scheduler already runs for {masked(self._database_url)} in this process")
         await self._recover_interrupted()
         loop = asyncio.get_running_loop()
-        executor = _LoopExecutor(loop)
-        aps = _OffLoopScheduler(
+        executor = LoopExecutor(loop)
+        aps = OffLoopScheduler(
             event_loop=loop,
             timezone=UTC,
             jobstores={
@@ -655,7 +484,7 @@ class Scheduler:
             # Nothing of ours is in flight any more: what was cut short is failed now, not left
             # for whoever finds it once our heartbeat is gone.
             try:
-                await _fail_submitting(
+                await fail_submitting(
                     self._engine, tc.c.claimed_by == self.instance, "cut short by its instance's stop"
                 )
             except Exception as exc:
@@ -694,7 +523,7 @@ class Scheduler:
     def _misfire_grace(self) -> int:
         return max(1, round(self._config.misfire_grace_s))
 
-    def _running(self) -> _OffLoopScheduler:
+    def _running(self) -> OffLoopScheduler:
         if self._aps is None:
             raise RuntimeError("the scheduler is not running: call start() first")
         return self._aps
@@ -734,7 +563,7 @@ class Scheduler:
             return await asyncio.to_thread(self._apply_jobs, aps, wanted, jobs)
 
     def _apply_jobs(
-        self, aps: _OffLoopScheduler, wanted: dict[str, tuple[int, float]], jobs: list[Any]
+        self, aps: OffLoopScheduler, wanted: dict[str, tuple[int, float]], jobs: list[Any]
     ) -> SyncReport:
         """Runs in a worker thread: every call below reads or writes the job store."""
         report = SyncReport()
@@ -1307,65 +1136,9 @@ class Scheduler:
                 | (tc.c.claimed_by == self.instance)
                 | gone(tc.c.claimed_by, now, self._heartbeat.max_clock_skew_s)
             )
-        await _fail_submitting(
+        await fail_submitting(
             self._engine, where, f"left in flight, found by instance {self.instance} at its start"
         )
-
-
-async def recover_orphaned(
-    engine: AsyncEngine, heartbeat: Heartbeat, now: datetime | None = None
-) -> list[int]:
-    """The leader's pass (in its deadline sweep): fail, outcome unknown, the tests in ``submitting``
-    claimed by another instance that is gone (its heartbeat expired more than the allowed clock
-    skew ago, or removed); prune the heartbeats of instances long dead. The ids it failed."""
-    now = _aware(now)
-    tc = s.test_cases
-    where = and_(
-        tc.c.claimed_by != heartbeat.instance, gone(tc.c.claimed_by, now, heartbeat.max_clock_skew_s)
-    )
-    failed = await _fail_submitting(
-        engine, where, f"its instance is gone, found by the leader {heartbeat.instance}"
-    )
-    async with engine.begin() as conn:
-        pruned = await prune(conn, now)
-    if pruned:
-        log.info("pruned the heartbeats of %d controller instances that stopped long ago", pruned)
-    return failed
-
-
-async def _fail_submitting(engine: AsyncEngine, where: ColumnElement[bool] | None, why: str) -> list[int]:
-    """Mark failed, outcome unknown, the tests in ``submitting`` that match ``where`` (all without
-    it), each logged with the instance that claimed it; their ids."""
-    tc = s.test_cases
-    condition = tc.c.status == "submitting" if where is None else and_(tc.c.status == "submitting", where)
-    error = case(
-        (tc.c.claimed_by.is_(None), literal(STOPPED_ERROR)),
-        else_=literal("controller instance ")
-        + tc.c.claimed_by
-        + literal(" stopped during the submit: outcome unknown"),
-    )
-    async with engine.begin() as conn:
-        rows = (
-            await conn.execute(
-                update(tc)
-                .where(condition)
-                .values(status="failed", error=error)
-                .returning(
-                    tc.c.id, tc.c.campaign_id, tc.c.route, tc.c.imsi, tc.c.claimed_by, tc.c.submitted_at
-                )
-            )
-        ).all()
-    for row in sorted(rows, key=lambda r: r.id):
-        bind(log, route=row.route, test_id=row.id, instance=row.claimed_by).warning(
-            "campaign %s: test to probe %s, claimed for submit at %s by instance %s, failed (%s): "
-            "outcome unknown, its price stays counted",
-            row.campaign_id,
-            row.imsi,
-            row.submitted_at.isoformat() if row.submitted_at else "an unknown time",
-            row.claimed_by or "unknown (claimed before claims named their instance)",
-            why,
-        )
-    return sorted(row.id for row in rows)
 
 
 async def _begin_write(conn: AsyncConnection) -> None:
@@ -1384,10 +1157,7 @@ __all__ = [
     "Skip",
     "SyncReport",
     "in_allowed_hours",
-    "job_store_engine",
     "probe_problem",
-    "recover_orphaned",
     "run_campaign_round",
     "spread",
-    "sync_url",
 ]

@@ -30,7 +30,8 @@ from controller.ingest import Ingest
 from controller.instances import Heartbeat
 from controller.leader import Leader
 from controller.mqtt import ControllerLink
-from controller.schedule import Scheduler, recover_orphaned
+from controller.recovery import recover_orphaned
+from controller.schedule import Scheduler
 from controller.sender.rules import load_rules
 from controller.sender.sender import Sender
 from controller.storage.db import open_database

@@ -28,7 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from controller import schedule
 from controller.config import ScheduleConfig, load
 from controller.instances import PRUNE_AFTER, Heartbeat
-from controller.schedule import STOPPED_ERROR, Scheduler, recover_orphaned
+from controller.recovery import STOPPED_ERROR, recover_orphaned
+from controller.schedule import Scheduler
 from controller.service import serve
 from controller.storage import schema as s
 from controller.storage.db import make_engine, open_database

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from controller.campaigns import CampaignDefinition
 from controller.config import ControllerConfig, ScheduleConfig
 from controller.correlation import Token, find_tokens, render
+from controller.job_store import sync_url
 from controller.schedule import (
     RoundPlan,
     Scheduler,
@@ -31,7 +32,6 @@ from controller.schedule import (
     in_allowed_hours,
     run_campaign_round,
     spread,
-    sync_url,
 )
 from controller.storage import schema as s
 from controller.storage.db import open_database
