@@ -58,7 +58,10 @@ async def _token(config: config_module.ControllerConfig, args: argparse.Namespac
         print(f"probe-fleet: {exc}", file=sys.stderr)
         return 1
     try:
-        if args.action == "add":
+        if args.action == "add" and args.token_stdin:
+            await tokens.add_token(engine, args.name, args.role, sys.stdin.readline().strip())
+            print(f"token {args.name!r} ({args.role}) stored (its SHA-256)")
+        elif args.action == "add":
             token = await tokens.add_token(engine, args.name, args.role)
             print(token)
             print(f"token {args.name!r} ({args.role}): keep it now, it is not shown again", file=sys.stderr)
@@ -183,6 +186,11 @@ def _token_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add = actions.add_parser("add", help="make a token; it is printed once, only its SHA-256 is stored")
     add.add_argument("name", help="who or what uses it, e.g. grafana")
     add.add_argument("--role", required=True, choices=ROLES)
+    add.add_argument(
+        "--token-stdin",
+        action="store_true",
+        help="store the token read from stdin (made elsewhere, e.g. kept in a vault) instead of a new one",
+    )
     revoke = actions.add_parser("revoke", help="revoke a token by name")
     revoke.add_argument("name")
     listing = actions.add_parser("list", help="list tokens (names, roles, last use; never the tokens)")

@@ -23,7 +23,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from controller.api.app import ApiStartError, make_app, serving
-from controller.api.tokens import add_token, revoke_token
+from controller.api.tokens import add_token, new_token, revoke_token
 from controller.config import ControllerConfig
 from controller.storage import schema as s
 from controller.storage.db import make_engine, open_database
@@ -792,6 +792,39 @@ async def test_cli_token_add_prints_a_token_that_works(tmp_path: Path) -> None:
         bad.write_text(f'[broker]\nhost = "x"\n[api]\n{settings}\n')
         invalid = await asyncio.to_thread(cli, "token", "list", "--config", str(bad))
         assert invalid.returncode == 2 and problem in invalid.stderr, invalid.stderr
+
+
+async def test_cli_token_add_stores_a_token_made_elsewhere(tmp_path: Path) -> None:
+    """A provisioning tool keeps the token in its vault and hands it over on stdin: it then works,
+    never appears in the output, and only a token as random as ours is accepted."""
+    db = tmp_path / "controller.db"
+    config = tmp_path / "controller.toml"
+    config.write_text(f'database_url = "sqlite:///{db}"\n[broker]\nhost = "127.0.0.1"\n')
+    given = new_token()
+
+    def add(name: str, stdin: str) -> subprocess.CompletedProcess[str]:
+        argv = ["token", "add", name, "--role", "viewer", "--token-stdin", "--config", str(config)]
+        return subprocess.run(
+            [sys.executable, "-m", "controller.cli", *argv],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    for weak in ("pf_short", "not-ours-" + given, given[:-4], given + " with spaces"):
+        refused = await asyncio.to_thread(add, "ansible", weak + "\n")
+        assert refused.returncode == 1 and "at least 43 characters" in refused.stderr, weak
+    stored = await asyncio.to_thread(add, "ansible", given + "\n")
+    assert stored.returncode == 0, stored.stderr
+    assert given not in stored.stdout + stored.stderr and "stored" in stored.stdout
+    engine = await open_database(f"sqlite:///{db}")
+    try:
+        bearer = {"Authorization": f"Bearer {given}"}
+        async with async_client(engine) as client, client.get(f"{V1}/networks", headers=bearer) as response:
+            assert response.status == 200
+    finally:
+        await engine.dispose()
 
 
 @asynccontextmanager

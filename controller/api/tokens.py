@@ -32,6 +32,8 @@ TOKEN_BYTES = 32
 #: Longest Authorization value looked at; real tokens are 46 characters.
 MAX_TOKEN_CHARS = 256
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"
+#: A token made elsewhere and given to ``add_token``: as random as ours, at most as long as looked at.
+GIVEN_TOKEN_PATTERN = rf"^{TOKEN_PREFIX}[A-Za-z0-9_-]{{43,{MAX_TOKEN_CHARS - len(TOKEN_PREFIX)}}}$"
 
 
 class TokenError(Exception):
@@ -71,15 +73,30 @@ def _info(row: Row[Any]) -> TokenInfo:
     )
 
 
-async def add_token(engine: AsyncEngine, name: str, role: str) -> str:
-    """Make a token named ``name`` with ``role``; returns the token, which is not kept anywhere."""
+def check_given_token(token: str) -> None:
+    """Raise :class:`TokenError` unless ``token`` looks like one of ours with at least as much
+    randomness: ``pf_`` and 43 or more URL-safe base64 characters."""
+    if not re.fullmatch(GIVEN_TOKEN_PATTERN, token):
+        raise TokenError(
+            f"a given token must be {TOKEN_PREFIX!r} and at least 43 characters of A-Z a-z 0-9 _ - "
+            "(256 bits), "
+            f"e.g. python3 -c 'import secrets; print(\"{TOKEN_PREFIX}\" + secrets.token_urlsafe(32))'"
+        )
+
+
+async def add_token(engine: AsyncEngine, name: str, role: str, token: str | None = None) -> str:
+    """Make a token named ``name`` with ``role``; returns the token, which is not kept anywhere.
+    ``token`` stores one made elsewhere (a provisioning secret kept in a vault) instead of a new
+    random one."""
+    if token is not None:
+        check_given_token(token)
     if role not in ROLES:
         raise TokenError(f"role {role!r}: one of {', '.join(ROLES)}")
     if not re.fullmatch(NAME_PATTERN, name):
         raise TokenError(
             f"token name {name!r}: letters, digits and _ . @ - (up to 64), starting with a letter or digit"
         )
-    token = new_token()
+    token = token if token is not None else new_token()
     try:
         async with engine.begin() as conn:
             await conn.execute(
