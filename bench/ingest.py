@@ -259,18 +259,27 @@ def wait_controller_online(port: int, proc: subprocess.Popen[bytes], timeout_s: 
 
 
 class CpuMeter:
-    """CPU seconds used by some processes between ``start()`` and ``stop()``."""
+    """CPU seconds used by some processes, each with its child processes (the controller's MQTT
+    worker), between ``start()`` and ``stop()``."""
 
     def __init__(self, procs: dict[str, int]) -> None:
         self.procs = {name: psutil.Process(pid) for name, pid in procs.items()}
         self.before: dict[str, float] = {}
         self.used: dict[str, float] = {}
 
+    @staticmethod
+    def _cpu_s(proc: psutil.Process) -> float:
+        try:
+            children = proc.children(recursive=True)
+        except psutil.Error:
+            children = []
+        return cpu_s(proc) + sum(cpu_s(c) for c in children)
+
     def start(self) -> None:
-        self.before = {name: cpu_s(p) for name, p in self.procs.items()}
+        self.before = {name: self._cpu_s(p) for name, p in self.procs.items()}
 
     def stop(self) -> dict[str, float]:
-        self.used = {name: cpu_s(p) - self.before[name] for name, p in self.procs.items()}
+        self.used = {name: self._cpu_s(p) - self.before[name] for name, p in self.procs.items()}
         return self.used
 
 

@@ -11,8 +11,10 @@ import pytest
 
 from hardware.virtual_modem import VirtualModem
 
-#: Database fixtures (SQLite file and a fresh PostgreSQL database) for every test module.
-pytest_plugins = ("tests.db", "tests.mosquitto")
+#: Fixtures for every test module: databases (SQLite file, a fresh PostgreSQL database), brokers,
+#: the demo run (session-scoped: one run shared by every module, which a fixture imported into
+#: each module would not be) and the web UI's server and browser.
+pytest_plugins = ("tests.db", "tests.mosquitto", "tests.demo_run", "tests.ui_server")
 
 
 @pytest.fixture

@@ -16,9 +16,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tests.demo_run import DEMO_DURATION_S, DEMO_TIMEOUT_S, DemoRun, demo_run
-
-__all__ = ["demo_run"]
+from tests.demo_run import DEMO_DURATION_S, DEMO_TIMEOUT_S, DemoRun
 
 
 @pytest.mark.timeout(DEMO_TIMEOUT_S)

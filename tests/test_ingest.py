@@ -5,6 +5,7 @@ killed and restarted while agents publish, losing nothing."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -249,8 +251,14 @@ def test_controller_killed_and_restarted_while_agents_publish_loses_nothing(
 
     threading.Thread(target=publish, daemon=True).start()
     time.sleep(1.0)
+    workers = mqtt_workers(proc.pid)
+    assert len(workers) == 1, "the controller holds its broker connection in one MQTT worker"
     proc.send_signal(signal.SIGKILL)  # mid-stream: some written, some received but not acked
     proc.wait(10)
+    # Its worker leaves with it, without a DISCONNECT: the broker publishes the controller's will.
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert alive == []
+    recorder.wait_for(lambda _: any(b'"lost"' in p for p in recorder.payloads("/controller/status")), 10.0)
     time.sleep(1.0)  # agents keep publishing into the queued session
     proc = start()
     assert done.wait(60)
@@ -269,6 +277,48 @@ def test_controller_killed_and_restarted_while_agents_publish_loses_nothing(
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     assert asyncio.run(stored()) == total
+    pub.loop_stop()
+    recorder.close()
+
+
+def mqtt_workers(pid: int) -> list[psutil.Process]:
+    """The MQTT worker processes (``controller.mqtt``) a controller process started."""
+    return [c for c in psutil.Process(pid).children() if "controller.mqtt" in c.cmdline()]
+
+
+async def test_a_killed_mqtt_worker_is_replaced_and_nothing_is_lost(
+    mosquitto: Mosquitto, controller: Callable[[], Awaitable[asyncio.Event]], engine: AsyncEngine
+) -> None:
+    """Tried: the MQTT worker is killed while agents publish. The controller starts another,
+    which resumes the session: everything not acknowledged comes again (acknowledgements still
+    owed to the dead worker's connection are dropped, not sent on the new one), and every
+    observation is stored once."""
+    await controller()
+    recorder = Recorder(mosquitto, [T.controller_status()])
+    await asyncio.to_thread(recorder.wait_for, lambda _: onlines(recorder) > 0, 10.0)  # the retained one
+    onlines_before = onlines(recorder)
+    pub = connected_client(mosquitto)
+    total = 600
+    done = threading.Event()
+
+    def publish() -> None:
+        for i in range(total):
+            pub.publish(T.sms("pi-uk-1"), observation(i).to_json(), qos=1)
+            time.sleep(0.002)
+        done.set()
+
+    threading.Thread(target=publish, daemon=True).start()
+    await asyncio.sleep(0.5)
+    (worker,) = mqtt_workers(os.getpid())
+    worker.kill()
+    await asyncio.to_thread(recorder.wait_for, lambda _: onlines(recorder) > onlines_before, 30.0)
+    assert await asyncio.to_thread(done.wait, 30)
+
+    async def all_stored() -> bool:
+        return await count(engine, s.observations) == total
+
+    await wait_for(all_stored, timeout_s=30)
+    assert len(mqtt_workers(os.getpid())) == 1
     pub.loop_stop()
     recorder.close()
 

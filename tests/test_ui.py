@@ -17,19 +17,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from probe_agent.protocol import AgentStatus, Topics
-from tests.demo_run import DEMO_TIMEOUT_S, demo_run
-from tests.ui_server import (
-    USERS,
-    UiServer,
-    browser,
-    check_accessible,
-    log_in,
-    page,
-    screenshot,
-    server,
-)
-
-__all__ = ["browser", "demo_run", "page", "server"]
+from tests.demo_run import DEMO_TIMEOUT_S
+from tests.ui_server import USERS, UiServer, check_accessible, log_in, screenshot
 
 pytestmark = pytest.mark.timeout(DEMO_TIMEOUT_S)
 

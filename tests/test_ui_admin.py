@@ -22,19 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.demo_run import DEMO_TIMEOUT_S, demo_run
-from tests.ui_server import (
-    UiServer,
-    browser,
-    check_accessible,
-    csrf_token,
-    log_in,
-    page,
-    screenshot,
-    server,
-)
-
-__all__ = ["browser", "demo_run", "page", "server"]
+from tests.demo_run import DEMO_TIMEOUT_S
+from tests.ui_server import UiServer, check_accessible, csrf_token, log_in, screenshot
 
 pytestmark = pytest.mark.timeout(DEMO_TIMEOUT_S)
 

@@ -43,18 +43,10 @@ from controller.web.sessions import COOKIE, start_session
 from controller.web.users import add_user
 from probe_agent.protocol import ClockState, Observation, SimIdentity, Topics
 from tests.db import database, database_url
-from tests.demo_run import DEMO_TIMEOUT_S, demo_run
-from tests.ui_server import (
-    UiServer,
-    browser,
-    check_accessible,
-    log_in,
-    page,
-    screenshot,
-    server,
-)
+from tests.demo_run import DEMO_TIMEOUT_S
+from tests.ui_server import UiServer, check_accessible, log_in, screenshot
 
-__all__ = ["browser", "database", "database_url", "demo_run", "page", "server"]
+__all__ = ["database", "database_url"]
 
 pytestmark = pytest.mark.timeout(DEMO_TIMEOUT_S)
 

@@ -56,18 +56,8 @@ from probe_agent.protocol import (
     Topics,
 )
 from tests.db import postgres_database
-from tests.demo_run import DEMO_TIMEOUT_S, demo_run
-from tests.ui_server import (
-    UiServer,
-    browser,
-    check_accessible,
-    log_in,
-    page,
-    screenshot,
-    server,
-)
-
-__all__ = ["browser", "demo_run", "page", "server"]
+from tests.demo_run import DEMO_TIMEOUT_S
+from tests.ui_server import UiServer, check_accessible, log_in, screenshot
 
 pytestmark = pytest.mark.timeout(DEMO_TIMEOUT_S)
 
