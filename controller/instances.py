@@ -32,6 +32,7 @@ from sqlalchemy import and_, delete, exists
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
+from controller.leader import check_timings
 from controller.storage import schema as s
 from controller.storage.db import dialect_insert
 from probe_agent.logs import bind
@@ -62,12 +63,7 @@ class Heartbeat:
         renew_interval_s: float = 10.0,
         max_clock_skew_s: float = 1.0,
     ) -> None:
-        if not 0 < renew_interval_s < ttl_s / 2:
-            raise ValueError(
-                f"renew_interval_s ({renew_interval_s:g}) must be below ttl_s / 2 ({ttl_s / 2:g})"
-            )
-        if not 0 <= max_clock_skew_s < ttl_s - 2 * renew_interval_s:
-            raise ValueError("max_clock_skew_s must be below ttl_s - 2 x renew_interval_s")
+        check_timings(ttl_s, renew_interval_s, max_clock_skew_s)
         self.engine = engine
         self.instance = instance
         self.ttl_s = ttl_s

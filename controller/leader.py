@@ -66,6 +66,16 @@ def instance_id() -> str:
     return f"{socket.gethostname()[:80]}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+def check_timings(ttl_s: float, renew_interval_s: float, max_clock_skew_s: float) -> None:
+    """Raise ValueError unless the timings leave room for a missed renewal and the clock skew:
+    renewals more than twice per ttl, the skew below what two renewals leave of the ttl. The
+    lease and every instance's heartbeat (``controller.instances``) share these rules."""
+    if not 0 < renew_interval_s < ttl_s / 2:
+        raise ValueError(f"renew_interval_s ({renew_interval_s:g}) must be below ttl_s / 2 ({ttl_s / 2:g})")
+    if not 0 <= max_clock_skew_s < ttl_s - 2 * renew_interval_s:
+        raise ValueError("max_clock_skew_s must be below ttl_s - 2 x renew_interval_s")
+
+
 class Leader:
     """Holds or follows the lease ``name`` for this instance (``holder``), and runs the duties
     while it leads. ``start()`` makes the first attempt before it returns (a lone instance leads
@@ -81,12 +91,7 @@ class Leader:
         renew_interval_s: float = 10.0,
         max_clock_skew_s: float = 1.0,
     ) -> None:
-        if not 0 < renew_interval_s < ttl_s / 2:
-            raise ValueError(
-                f"renew_interval_s ({renew_interval_s:g}) must be below ttl_s / 2 ({ttl_s / 2:g})"
-            )
-        if not 0 <= max_clock_skew_s < ttl_s - 2 * renew_interval_s:
-            raise ValueError("max_clock_skew_s must be below ttl_s - 2 x renew_interval_s")
+        check_timings(ttl_s, renew_interval_s, max_clock_skew_s)
         self.engine = engine
         self.name = name
         self.holder = holder or instance_id()

@@ -160,15 +160,19 @@ class ControllerLink:
         self._send_acks()  # what was acknowledged before this publish goes first
         self._next_publish += 1
         ref = self._next_publish
-        done = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._publishes[ref] = done
         try:
             if not self._send(("publish", ref, topic, payload, qos, retain)):
                 return False
-            with contextlib.suppress(TimeoutError, OSError):
-                await asyncio.wait_for(self._drain(), PUBLISH_TIMEOUT_S)
-            with contextlib.suppress(TimeoutError):
-                return await asyncio.wait_for(asyncio.shield(done), PUBLISH_TIMEOUT_S)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result instead of
+            # raising when it is cancelled just as the answer arrives, and a duty cancelled at
+            # step-down (the routing table's publish) would then run on and never end.
+            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                with contextlib.suppress(OSError):  # the worker is gone: its answer says False
+                    await self._drain()
+                return await done
+        except TimeoutError:
             log.warning("publish to %s: no answer from the MQTT worker in %.0f s", topic, PUBLISH_TIMEOUT_S)
             return False
         finally:

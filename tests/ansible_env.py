@@ -124,6 +124,35 @@ def play_recap(output: str) -> dict[str, dict[str, int]]:
     return recap
 
 
+def changed_tasks(output: str) -> list[str]:
+    """The tasks an ``ansible-playbook`` run reported changed, by name (to say what broke
+    idempotence)."""
+    task, changed = "", []
+    for line in output.splitlines():
+        if line.startswith(("TASK [", "RUNNING HANDLER [")):
+            task = line.split("[", 1)[1].rsplit("]", 1)[0]
+        elif line.startswith("changed:"):
+            changed.append(task)
+    return changed
+
+
+def chroot_apply(root: Path, host: str, role: str, workdir: Path, extra: dict[str, object]) -> list[str]:
+    """The ``ansible-playbook`` command applying ``role`` to ``host`` of the example inventory,
+    reached through the chroot connection in ``root`` (an inventory overlay and a one-play
+    playbook are written to ``workdir``); ``extra`` are its ``-e`` variables."""
+    overlay = workdir / f"{host}-chroot.json"
+    connection = {
+        "ansible_connection": "community.general.chroot",
+        "ansible_host": str(root),
+        "ansible_python_interpreter": "/usr/bin/python3",
+    }
+    overlay.write_text(json.dumps({"all": {"hosts": {host: connection}}}))
+    playbook = workdir / f"apply-{role}.yml"
+    playbook.write_text(json.dumps([{"name": f"Apply the {role} role", "hosts": host, "roles": [role]}]))
+    inventories = ["-i", str(INVENTORY), "-i", str(overlay)]
+    return ["ansible-playbook", *inventories, str(playbook), "-e", json.dumps(extra)]
+
+
 # --- A real Debian root to apply roles to (chroot), and a wheelhouse of the project ----------
 
 #: Cached, between test runs and outside the clone: the debootstrapped root (a tar file) and the

@@ -28,6 +28,8 @@ from probe_agent import protocol
 from probe_agent.cli import EXIT_CONFIG
 from tests.ansible_env import (
     INVENTORY,
+    changed_tasks,
+    chroot_apply,
     debian_root,
     play_recap,
     render_templates,
@@ -289,18 +291,6 @@ def _chroot(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["chroot", str(root), *args], capture_output=True, text=True, timeout=120)
 
 
-def _changed_tasks(output: str) -> list[str]:
-    """The tasks a run reported changed, by name (to say what broke idempotence)."""
-    task = ""
-    changed = []
-    for line in output.splitlines():
-        if line.startswith(("TASK [", "RUNNING HANDLER [")):
-            task = line.split("[", 1)[1].rsplit("]", 1)[0]
-        elif line.startswith("changed:"):
-            changed.append(task)
-    return changed
-
-
 def _ca_file(tmp_path: Path) -> Path:
     """The example inventory's CA when it is there, else one made for this test."""
     shipped = INVENTORY_DIR / "files" / "ca.crt"
@@ -332,27 +322,8 @@ def applied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Applied]:
     root = debian_root(tmp_path / "root")  # skips when debootstrap cannot run here
     wheels = wheelhouse(tmp_path / "wheelhouse")
     home = tmp_path / "home"
-    overlay = tmp_path / "chroot-inventory.yml"
-    connection = {
-        "ansible_connection": "community.general.chroot",
-        "ansible_host": str(root),
-        "ansible_python_interpreter": "/usr/bin/python3",
-    }
-    overlay.write_text(json.dumps({"all": {"hosts": {HOST: connection}}}))
-    playbook = tmp_path / "apply.yml"
-    play = {"name": "Apply the probe agent role to a chroot", "hosts": HOST, "roles": ["probe_agent"]}
-    playbook.write_text(json.dumps([play]))
     extra = {"probe_agent_wheelhouse": str(wheels), "probe_agent_ca_cert_file": str(_ca_file(tmp_path))}
-    apply = [
-        "ansible-playbook",
-        "-i",
-        str(INVENTORY),
-        "-i",
-        str(overlay),
-        str(playbook),
-        "-e",
-        json.dumps(extra),
-    ]
+    apply = chroot_apply(root, HOST, "probe_agent", tmp_path, extra)
     first = run_ansible(apply, home)
     assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-3000:]
     second = run_ansible(apply, home)
@@ -367,11 +338,11 @@ def test_role_applies_to_a_fresh_bookworm_root_and_a_second_apply_changes_nothin
     assert play_recap(first.stdout)[HOST]["changed"] > 0
     assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-3000:]
     recap = play_recap(second.stdout)[HOST]
-    assert recap["changed"] == 0, f"the second apply changed {_changed_tasks(second.stdout)}"
+    assert recap["changed"] == 0, f"the second apply changed {changed_tasks(second.stdout)}"
     assert recap["failed"] == recap["unreachable"] == 0
     assert applied.check.returncode == 0, applied.check.stdout[-6000:]
     checked_recap = play_recap(applied.check.stdout)[HOST]
-    assert checked_recap["changed"] == 0, f"--check would change {_changed_tasks(applied.check.stdout)}"
+    assert checked_recap["changed"] == 0, f"--check would change {changed_tasks(applied.check.stdout)}"
 
     # the agent is installed at the pinned version and accepts the config the role wrote
     venv = "/opt/probe-agent/venv/bin/probe-agent"

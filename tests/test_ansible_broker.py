@@ -10,7 +10,6 @@ import base64
 import getpass
 import hashlib
 import importlib.util
-import json
 import shutil
 import signal
 import ssl
@@ -34,8 +33,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from tests.ansible_env import (
     ANSIBLE_DIR,
-    INVENTORY,
     VAULT_PASSWORD_FILE,
+    changed_tasks,
+    chroot_apply,
     debian_root,
     play_recap,
     render_templates,
@@ -637,41 +637,10 @@ def test_the_controller_s_session_keeps_results_across_its_absence_and_a_broker_
 
 
 def apply_in_chroot(root: Path, host: str, role: str, home: Path, extra: dict[str, object]) -> str:
-    """``ansible-playbook`` applying ``role`` to ``host`` of the example inventory, reached in the
-    chroot ``root``; its output (the caller asserts on the recap)."""
-    overlay = home.parent / f"{host}-chroot.json"
-    connection = {
-        "ansible_connection": "community.general.chroot",
-        "ansible_host": str(root),
-        "ansible_python_interpreter": "/usr/bin/python3",
-    }
-    overlay.write_text(json.dumps({"all": {"hosts": {host: connection}}}))
-    playbook = home.parent / f"apply-{role}.yml"
-    playbook.write_text(json.dumps([{"name": f"Apply {role}", "hosts": host, "roles": [role]}]))
-    args = [
-        "ansible-playbook",
-        "-i",
-        str(INVENTORY),
-        "-i",
-        str(overlay),
-        str(playbook),
-        "-e",
-        json.dumps(extra),
-    ]
-    done = run_ansible(args, home)
+    """Apply ``role`` to ``host`` in the chroot ``root``; its output (the caller asserts on the recap)."""
+    done = run_ansible(chroot_apply(root, host, role, home.parent, extra), home)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     return done.stdout
-
-
-def changed_tasks(output: str) -> list[str]:
-    """The tasks a run reported changed, by name (to say what broke idempotence)."""
-    task, changed = "", []
-    for line in output.splitlines():
-        if line.startswith(("TASK [", "RUNNING HANDLER [")):
-            task = line.split("[", 1)[1].rsplit("]", 1)[0]
-        elif line.startswith("changed:"):
-            changed.append(task)
-    return changed
 
 
 @pytest.mark.timeout(900)

@@ -20,7 +20,8 @@ from controller import config as controller_config
 from tests.ansible_env import (
     ANSIBLE_DIR,
     BIN,
-    INVENTORY,
+    changed_tasks,
+    chroot_apply,
     debian_root,
     play_recap,
     render_template,
@@ -250,17 +251,6 @@ def test_rotating_without_the_brokers_stops_before_touching_an_agent(tmp_path: P
     assert "Write the agent's new password" not in done.stdout
 
 
-def changed_tasks(output: str) -> list[str]:
-    """The tasks a run reported changed, by name (to say what broke idempotence)."""
-    task, changed = "", []
-    for line in output.splitlines():
-        if line.startswith(("TASK [", "RUNNING HANDLER [")):
-            task = line.split("[", 1)[1].rsplit("]", 1)[0]
-        elif line.startswith("changed:"):
-            changed.append(task)
-    return changed
-
-
 @pytest.mark.timeout(900)
 def test_role_applies_to_a_fresh_bookworm_root_and_a_second_apply_changes_nothing(tmp_path: Path) -> None:
     """The whole role (SQLite) in a chroot: installed from the wheelhouse, controller.toml checked,
@@ -268,27 +258,7 @@ def test_role_applies_to_a_fresh_bookworm_root_and_a_second_apply_changes_nothin
     root = debian_root(tmp_path / "root")  # skips when debootstrap cannot run here
     wheels = wheelhouse(tmp_path / "wheelhouse")
     home = tmp_path / "home"
-    overlay = tmp_path / "chroot.json"
-    connection = {
-        "ansible_connection": "community.general.chroot",
-        "ansible_host": str(root),
-        "ansible_python_interpreter": "/usr/bin/python3",
-    }
-    overlay.write_text(json.dumps({"all": {"hosts": {"ctl-1": connection}}}))
-    playbook = tmp_path / "apply.yml"
-    playbook.write_text(
-        json.dumps([{"name": "Apply the controller", "hosts": "ctl-1", "roles": ["controller"]}])
-    )
-    apply = [
-        "ansible-playbook",
-        "-i",
-        str(INVENTORY),
-        "-i",
-        str(overlay),
-        str(playbook),
-        "-e",
-        json.dumps({"controller_wheelhouse": str(wheels)}),
-    ]
+    apply = chroot_apply(root, "ctl-1", "controller", tmp_path, {"controller_wheelhouse": str(wheels)})
     outputs = []
     for _ in range(2):
         done = run_ansible(apply, home)
