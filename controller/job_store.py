@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import StaticPool
 
-from controller.storage.db import PG_CONNECT_TIMEOUT_S, PG_POOL_RECYCLE_S, SQLITE_PRAGMAS
+from controller.storage.db import PG_CONNECT_TIMEOUT_S, PG_POOL_RECYCLE_S, set_sqlite_pragmas
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +43,6 @@ def sync_url(url: str) -> str:
     return f"{driver}://{rest}" if driver else url
 
 
-def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    try:
-        for pragma in SQLITE_PRAGMAS:
-            cursor.execute(pragma)
-    finally:
-        cursor.close()
-
-
 def job_store_engine(url: str) -> Engine:
     """A small synchronous engine for the job store, on the controller's database."""
     target = make_url(sync_url(url))
@@ -62,7 +53,7 @@ def job_store_engine(url: str) -> Engine:
             engine = create_engine(target, poolclass=StaticPool, connect_args={"check_same_thread": False})
         else:
             engine = create_engine(target)
-        event.listen(engine, "connect", _set_sqlite_pragmas)
+        event.listen(engine, "connect", set_sqlite_pragmas)
         return engine
     if backend == "postgresql":
         return create_engine(

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import psutil
 import pytest
 from sqlalchemy import func, select
@@ -241,15 +242,7 @@ def test_controller_killed_and_restarted_while_agents_publish_loses_nothing(
     recorder.wait_for(lambda _: onlines(recorder) > 0, 60.0)
     pub = connected_client(mosquitto)
     total = 1500
-    done = threading.Event()
-
-    def publish() -> None:
-        for i in range(total):
-            pub.publish(T.sms("pi-uk-1"), observation(i).to_json(), qos=1)
-            time.sleep(0.002)
-        done.set()
-
-    threading.Thread(target=publish, daemon=True).start()
+    done = publish_in_background(pub, total)
     time.sleep(1.0)
     workers = mqtt_workers(proc.pid)
     assert len(workers) == 1, "the controller holds its broker connection in one MQTT worker"
@@ -281,6 +274,21 @@ def test_controller_killed_and_restarted_while_agents_publish_loses_nothing(
     recorder.close()
 
 
+def publish_in_background(pub: mqtt.Client, total: int) -> threading.Event:
+    """Observations 0..total-1 from one agent, 2 ms apart, from a thread; the event is set when
+    the last one was handed to paho."""
+    done = threading.Event()
+
+    def publish() -> None:
+        for i in range(total):
+            pub.publish(T.sms("pi-uk-1"), observation(i).to_json(), qos=1)
+            time.sleep(0.002)
+        done.set()
+
+    threading.Thread(target=publish, daemon=True).start()
+    return done
+
+
 def mqtt_workers(pid: int) -> list[psutil.Process]:
     """The MQTT worker processes (``controller.mqtt``) a controller process started."""
     return [c for c in psutil.Process(pid).children() if "controller.mqtt" in c.cmdline()]
@@ -299,15 +307,7 @@ async def test_a_killed_mqtt_worker_is_replaced_and_nothing_is_lost(
     onlines_before = onlines(recorder)
     pub = connected_client(mosquitto)
     total = 600
-    done = threading.Event()
-
-    def publish() -> None:
-        for i in range(total):
-            pub.publish(T.sms("pi-uk-1"), observation(i).to_json(), qos=1)
-            time.sleep(0.002)
-        done.set()
-
-    threading.Thread(target=publish, daemon=True).start()
+    done = publish_in_background(pub, total)
     await asyncio.sleep(0.5)
     (worker,) = mqtt_workers(os.getpid())
     worker.kill()

@@ -97,7 +97,9 @@ def masked(url: str) -> str:
         return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
-def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """A ``connect`` event listener: every new SQLite connection gets ``SQLITE_PRAGMAS`` (the
+    async engine's and the scheduler's synchronous job-store engine's alike)."""
     cursor = dbapi_connection.cursor()
     try:
         for pragma in SQLITE_PRAGMAS:
@@ -124,7 +126,7 @@ def make_engine(url: str) -> AsyncEngine:
     backend = target.get_backend_name()
     if backend == "sqlite":
         engine = create_async_engine(target, json_serializer=_json_serializer)
-        event.listen(engine.sync_engine, "connect", _set_sqlite_pragmas)
+        event.listen(engine.sync_engine, "connect", set_sqlite_pragmas)
         return engine
     if backend == "postgresql":
         connect_args: dict[str, Any] = {}
